@@ -1,0 +1,178 @@
+"""The one typed config object: built once from the command line, validated, then passed down.
+
+Sections follow ffcv-imagenet (data, model, optim, run); flags keep the official main_moco.py names
+where one exists (--arch, --moco-k, --moco-m, --moco-t, --mlp, --lr, --wd, --batch-size, --resume).
+A preset fills the defaults: `fashion-cpu` (the default: minutes on 2 CPU cores) or `imagenet` (the
+MoCo v2 paper: ResNet-50, 200 epochs, batch 256, lr 0.03, K=65536, T=0.2, MLP head, aug+, cosine).
+Any flag overrides its preset value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+class ConfigError(ValueError):
+    """A setting, or a combination of settings, that cannot work."""
+
+
+def _opt(default, help: str, **extra):
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class DataConfig:
+    data: str = _opt("fashion-mnist", "ImageFolder root (ImageNet layout), 'fashion-mnist[:DIR]', or a .beton (ffcv)")
+    loader: str = _opt("torch", "data loader backend: torch | dali | ffcv | synthetic")
+    image_size: int = _opt(28, "side of the square training views, in pixels")
+    aug: str = _opt("v2", "augmentation recipe: v1 (MoCo aug) | v2 (MoCo v2 aug+)")
+    workers: Optional[int] = _opt(None, "loader worker processes/threads per rank (default: cores - 1, at most 8)")
+    knn_data: Optional[str] = _opt(None, "labelled data for the kNN monitor (default: --data unless it is a .beton)")
+
+
+@dataclass
+class ModelConfig:
+    arch: str = _opt("resnet_mini_cifar", "encoder architecture (see model/resnet.py ARCHS)")
+    moco_dim: int = _opt(128, "feature dimension")
+    moco_k: int = _opt(4096, "queue size: number of negative keys; a multiple of the global batch")
+    moco_m: float = _opt(0.99, "momentum of the key encoder")
+    moco_t: float = _opt(0.2, "softmax temperature (0.07 for MoCo v1, 0.2 for v2)")
+    mlp: bool = _opt(True, "2-layer MLP projection head (MoCo v2)")
+    shuffle: str = _opt("auto", "Shuffle BN: ddp | split (one device emulates --bn-splits GPUs) | none | auto")
+    bn_splits: int = _opt(8, "BN sub-batches per device in split mode (emulated GPUs)")
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = _opt("sgd", "sgd (torch fused) | lars | apex-sgd (needs apex importable)")
+    batch_size: int = _opt(256, "global batch size, split evenly over the ranks")
+    lr: float = _opt(0.06, "peak learning rate for the global batch")
+    momentum: float = _opt(0.9, "SGD momentum")
+    wd: float = _opt(1e-4, "weight decay")
+    schedule: str = _opt("cos", "learning-rate schedule: cos (cosine) | step (x0.1 at each --lr-steps epoch)")
+    lr_steps: tuple[int, ...] = _opt((120, 160), "epochs at which the step schedule divides the lr by 10")
+    warmup_epochs: float = _opt(0.0, "linear warm-up, in epochs (may be fractional)")
+
+
+@dataclass
+class RunConfig:
+    epochs: int = _opt(3, "number of pretraining epochs")
+    precision: str = _opt("auto", "auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 (with GradScaler) | fp32")
+    device: str = _opt("auto", "auto | cpu | cuda")
+    out: str = _opt("runs/moco", "output directory: metrics.jsonl and checkpoints")
+    resume: Optional[str] = _opt(None, "checkpoint to resume from (continues at its epoch)")
+    seed: int = _opt(0, "seed for initialisation, shuffles and augmentation")
+    save_every: int = _opt(1, "keep checkpoint_EPOCH.pth.tar every N epochs (checkpoint_last is always written)")
+    knn_every: int = _opt(1, "kNN monitor every N epochs; 0 disables it")
+    knn_k: int = _opt(200, "neighbours of the weighted kNN monitor")
+    knn_t: float = _opt(0.1, "temperature of the weighted kNN monitor")
+    knn_train_samples: Optional[int] = _opt(10000, "labelled images in the kNN memory bank (all if unset)")
+    knn_val_samples: Optional[int] = _opt(2000, "labelled images the kNN monitor classifies (all if unset)")
+    print_freq: int = _opt(10, "steps between progress-bar updates (each reads the loss back from the device)")
+    max_steps: Optional[int] = _opt(None, "stop each epoch after this many steps (smoke tests)")
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+PRESETS: dict[str, dict[str, object]] = {
+    "fashion-cpu": {},
+    "imagenet": dict(
+        data="", image_size=224, arch="resnet50", moco_k=65536, moco_m=0.999, moco_t=0.2, mlp=True,
+        lr=0.03, batch_size=256, epochs=200, knn_train_samples=20000, knn_val_samples=5000, print_freq=50,
+    ),
+}
+
+CHOICES = {
+    "loader": ("torch", "dali", "ffcv", "synthetic"),
+    "aug": ("v1", "v2"),
+    "shuffle": ("auto", "ddp", "split", "none"),
+    "optimizer": ("sgd", "lars", "apex-sgd"),
+    "schedule": ("cos", "step"),
+    "precision": ("auto", "bf16", "fp16", "fp32"),
+    "device": ("auto", "cpu", "cuda"),
+}
+
+
+def _sections():
+    """(name, dataclass) of each config section."""
+    return [(section.name, section.default_factory) for section in dataclasses.fields(TrainConfig)]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="MoCo v1/v2 self-supervised pretraining. Run with no flags: MoCo v2 on Fashion-MNIST on CPU.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--preset", default="fashion-cpu", help=f"defaults to start from: {' | '.join(PRESETS)}")
+    for section_name, section_type in _sections():
+        group = parser.add_argument_group(section_name)
+        hints = typing.get_type_hints(section_type)
+        for f in dataclasses.fields(section_type):
+            flag = "--" + f.name.replace("_", "-")
+            kind = hints[f.name]
+            inner = typing.get_args(kind)[0] if typing.get_origin(kind) is typing.Union else kind
+            help_text = f.metadata["help"]
+            if inner is bool:
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+            elif typing.get_origin(inner) is tuple:
+                group.add_argument(flag, type=typing.get_args(inner)[0], nargs="+", default=f.default, help=help_text)
+            else:
+                group.add_argument(flag, type=inner, default=f.default, help=help_text)
+    return parser
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    """The command line, on top of the chosen preset, as a TrainConfig."""
+    parser = build_parser()
+    preset = parser.parse_known_args(argv)[0].preset
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    parser.set_defaults(**PRESETS[preset])
+    args = vars(parser.parse_args(argv))
+    sections = {}
+    for section_name, section_type in _sections():
+        values = {f.name: args[f.name] for f in dataclasses.fields(section_type)}
+        if "lr_steps" in values:
+            values["lr_steps"] = tuple(values["lr_steps"])
+        sections[section_name] = section_type(**values)
+    return TrainConfig(**sections)
+
+
+def validate(cfg: TrainConfig, world_size: int) -> None:
+    """Every check that needs no data or device, so bad settings fail in one line before any work."""
+    from model.resnet import ARCHS
+
+    for section_name, _ in _sections():
+        for name, value in dataclasses.asdict(getattr(cfg, section_name)).items():
+            if name in CHOICES and value not in CHOICES[name]:
+                raise ConfigError(f"unknown --{name} {value!r}; choose one of: {', '.join(CHOICES[name])}")
+    if cfg.model.arch not in ARCHS:
+        raise ConfigError(f"unknown --arch {cfg.model.arch!r}; choose one of: {', '.join(ARCHS)}")
+    o, m = cfg.optim, cfg.model
+    if o.batch_size <= 0 or cfg.run.epochs <= 0 or m.moco_k <= 0:
+        raise ConfigError("--batch-size, --epochs and --moco-k must be positive")
+    if o.batch_size % world_size:
+        raise ConfigError(f"--batch-size {o.batch_size} is not divisible by the world size {world_size}")
+    if m.moco_k % o.batch_size:
+        raise ConfigError(f"--moco-k {m.moco_k} is not a multiple of the global batch size {o.batch_size}")
+    shuffle = m.shuffle if m.shuffle != "auto" else ("ddp" if world_size > 1 else "split")
+    if shuffle == "split" and (o.batch_size // world_size) % m.bn_splits:
+        raise ConfigError(f"per-device batch {o.batch_size // world_size} is not divisible by --bn-splits {m.bn_splits}")
+    if shuffle == "ddp" and world_size == 1:
+        raise ConfigError("--shuffle ddp needs several processes (torchrun); use split on one device")
+    if not cfg.data.data and cfg.data.loader != "synthetic":
+        raise ConfigError("no --data given (an ImageFolder root, 'fashion-mnist', or a .beton for --loader ffcv)")
+
+
+def to_dict(cfg: TrainConfig) -> dict:
+    return dataclasses.asdict(cfg)

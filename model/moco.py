@@ -1,0 +1,139 @@
+"""MoCo: a query encoder, its momentum copy (the key encoder), and a queue of past keys.
+
+The interface and state-dict keys are those of the official `moco/builder.py`, so code and checkpoints
+carry over. What differs is speed and reach:
+  - the momentum update is one multi-tensor lerp over all parameters, not a loop of small kernels;
+  - the queue pointer lives on the host (the official `int(self.queue_ptr)` syncs every step);
+    the `queue_ptr` buffer is still written, without a sync, so checkpoints keep it;
+  - logits and loss inputs are fp32 even when the encoders run in bf16/fp16;
+  - Shuffle BN works on one device too (`shuffle="split"`, see split_bn.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model import distributed
+from model.split_bn import convert_to_split_bn
+
+SHUFFLE_MODES = ("ddp", "split", "none")
+
+
+def default_shuffle() -> str:
+    """`ddp` across several processes, `split` (emulated GPUs) on a single device."""
+    return "ddp" if distributed.world_size() > 1 else "split"
+
+
+class MoCo(nn.Module):
+    def __init__(self, base_encoder, dim=128, K=65536, m=0.999, T=0.07, mlp=False, shuffle="auto", bn_splits=8):
+        """
+        base_encoder: callable `num_classes -> nn.Module` with an `fc` head (a torchvision ResNet)
+        dim: feature dimension; K: queue size; m: key-encoder momentum; T: softmax temperature
+        mlp: a 2-layer MLP head (MoCo v2); shuffle: 'ddp', 'split', 'none' or 'auto';
+        bn_splits: sub-batches (emulated GPUs) per device in 'split' mode
+        """
+        super().__init__()
+        self.K, self.m, self.T = K, m, T
+        self.shuffle = default_shuffle() if shuffle == "auto" else shuffle
+        if self.shuffle not in SHUFFLE_MODES:
+            raise ValueError(f"unknown shuffle mode {shuffle!r}; choose one of: auto, {', '.join(SHUFFLE_MODES)}")
+        if self.shuffle == "ddp" and distributed.world_size() == 1:
+            raise ValueError("shuffle='ddp' needs several processes (torchrun); use 'split' on one device")
+
+        self.encoder_q = base_encoder(num_classes=dim)
+        self.encoder_k = base_encoder(num_classes=dim)
+        if mlp:
+            dim_mlp = self.encoder_q.fc.weight.shape[1]
+            self.encoder_q.fc = nn.Sequential(nn.Linear(dim_mlp, dim_mlp), nn.ReLU(), self.encoder_q.fc)
+            self.encoder_k.fc = nn.Sequential(nn.Linear(dim_mlp, dim_mlp), nn.ReLU(), self.encoder_k.fc)
+        if self.shuffle == "split":
+            convert_to_split_bn(self.encoder_q, bn_splits)
+            convert_to_split_bn(self.encoder_k, bn_splits)
+
+        for param_q, param_k in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
+            param_k.data.copy_(param_q.data)
+            param_k.requires_grad = False
+
+        self.register_buffer("queue", F.normalize(torch.randn(dim, K), dim=0))
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+        self.ptr = 0
+        self.register_load_state_dict_post_hook(lambda module, _: module._read_queue_ptr())
+
+    def _read_queue_ptr(self) -> None:
+        """After loading a checkpoint: the one time the pointer is read back from the device."""
+        self.ptr = int(self.queue_ptr)
+
+    @torch.no_grad()
+    def _momentum_update_key_encoder(self):
+        """param_k = m * param_k + (1 - m) * param_q, for every parameter in one multi-tensor op."""
+        torch._foreach_lerp_(list(self.encoder_k.parameters()), list(self.encoder_q.parameters()), 1.0 - self.m)
+
+    @torch.no_grad()
+    def _dequeue_and_enqueue(self, keys):
+        keys = distributed.concat_all_gather(keys)
+        batch_size = keys.shape[0]
+        if self.K % batch_size:
+            raise ValueError(f"queue size K={self.K} is not a multiple of the global batch {batch_size}")
+        self.queue[:, self.ptr : self.ptr + batch_size] = keys.T
+        self.ptr = (self.ptr + batch_size) % self.K
+        self.queue_ptr.fill_(self.ptr)
+
+    @torch.no_grad()
+    def _batch_shuffle_ddp(self, x):
+        """Gather the key batch, apply one permutation broadcast from rank 0, keep this rank's slice."""
+        x_gather = distributed.concat_all_gather(x)
+        idx_shuffle = torch.randperm(x_gather.shape[0], device=x.device)
+        torch.distributed.broadcast(idx_shuffle, src=0)
+        idx_unshuffle = torch.argsort(idx_shuffle)
+        idx_this = idx_shuffle.view(distributed.world_size(), -1)[distributed.rank()]
+        return x_gather[idx_this], idx_unshuffle
+
+    @torch.no_grad()
+    def _batch_unshuffle_ddp(self, x, idx_unshuffle):
+        x_gather = distributed.concat_all_gather(x)
+        idx_this = idx_unshuffle.view(distributed.world_size(), -1)[distributed.rank()]
+        return x_gather[idx_this]
+
+    @torch.no_grad()
+    def _batch_shuffle_split(self, x):
+        """One device: permute the keys so each lands in a random BN sub-batch."""
+        idx_shuffle = torch.randperm(x.shape[0], device=x.device)
+        return x[idx_shuffle], torch.argsort(idx_shuffle)
+
+    @torch.no_grad()
+    def _compute_keys(self, im_k):
+        """Keys from the key encoder, with BN shuffled across (real or emulated) devices."""
+        if self.shuffle == "ddp":
+            im_k, idx_unshuffle = self._batch_shuffle_ddp(im_k)
+        elif self.shuffle == "split":
+            im_k, idx_unshuffle = self._batch_shuffle_split(im_k)
+        k = F.normalize(self.encoder_k(im_k.contiguous(memory_format=torch.channels_last)).float(), dim=1)
+        if self.shuffle == "ddp":
+            k = self._batch_unshuffle_ddp(k, idx_unshuffle)
+        elif self.shuffle == "split":
+            k = k[idx_unshuffle]
+        return k
+
+    def _contrastive_logits(self, q, k):
+        """fp32 logits: the positive key in column 0, then one column per queued negative."""
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)
+            l_neg = torch.einsum("nc,ck->nk", q, self.queue.clone().detach())
+            logits = torch.cat([l_pos, l_neg], dim=1) / self.T
+        labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+        return logits, labels
+
+    def forward(self, im_q, im_k):
+        """
+        im_q, im_k: two augmented views of the same images
+        returns logits (N x (1+K), fp32) and their targets (all zeros: the positive is column 0)
+        """
+        q = F.normalize(self.encoder_q(im_q).float(), dim=1)
+        with torch.no_grad():
+            self._momentum_update_key_encoder()
+            k = self._compute_keys(im_k)
+        logits, labels = self._contrastive_logits(q, k)
+        self._dequeue_and_enqueue(k)
+        return logits, labels

@@ -1,0 +1,154 @@
+"""Datasets behind the loaders: an ImageFolder root (ImageNet layout) or the embedded Fashion-MNIST.
+
+`data` strings accepted everywhere:
+  - `fashion-mnist`            Debian's dataset-fashion-mnist under /usr/share/datasets/fashion-mnist
+  - `fashion-mnist:/some/dir`  the same four IDX files elsewhere (gzipped or not)
+  - `/path/to/root`            an ImageFolder root; `root/train` and `root/val` are used when present
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+from pipeline.errors import DataError
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "val": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+# Leading bytes of the formats ImageFolder accepts; checked for every file before training starts.
+_MAGIC = {
+    ".jpg": (b"\xff\xd8\xff",), ".jpeg": (b"\xff\xd8\xff",), ".png": (b"\x89PNG\r\n\x1a\n",),
+    ".ppm": (b"P6", b"P3"), ".pgm": (b"P5", b"P2"), ".bmp": (b"BM",), ".gif": (b"GIF8",),
+    ".tif": (b"II*\x00", b"MM\x00*"), ".tiff": (b"II*\x00", b"MM\x00*"), ".webp": (b"RIFF",),
+}
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """An IDX array (the MNIST file format): big-endian dims, then uint8 data."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
+    if zero != 0 or dtype_code != 0x08:
+        raise DataError(f"{path} is not a uint8 IDX file")
+    shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(shape)):
+        raise DataError(f"{path} is truncated: expected {int(np.prod(shape))} values, found {data.size}")
+    return data.reshape(shape)
+
+
+def _find_idx(root: Path, stem: str) -> Path:
+    for name in (stem + ".gz", stem):
+        if (root / name).is_file():
+            return root / name
+    raise DataError(f"Fashion-MNIST file {stem}[.gz] not found in {root} (apt-get install dataset-fashion-mnist)")
+
+
+class FashionMNIST:
+    """Fashion-MNIST as RGB PIL images of `image_size` pixels: the embedded default dataset."""
+
+    def __init__(self, root: Path, split: str, image_size: int):
+        images_stem, labels_stem = FASHION_MNIST_FILES[split]
+        self.images = _read_idx(_find_idx(root, images_stem))
+        self.targets = _read_idx(_find_idx(root, labels_stem)).astype(np.int64)
+        if len(self.images) != len(self.targets):
+            raise DataError(f"Fashion-MNIST {split} in {root}: {len(self.images)} images but {len(self.targets)} labels")
+        self.image_size = image_size
+        self.classes = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                        "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def load(self, index: int) -> Image.Image:
+        img = Image.fromarray(self.images[index], mode="L").convert("RGB")
+        if img.size != (self.image_size, self.image_size):
+            img = img.resize((self.image_size, self.image_size), Image.BILINEAR)
+        return img
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        return self.load(index), int(self.targets[index])
+
+
+class ImageFolderFiles:
+    """An ImageFolder's (path, label) list, checked up front so bad files fail before training starts."""
+
+    def __init__(self, root: Path, verify: bool = True):
+        if not root.is_dir():
+            raise DataError(f"data path {root} does not exist or is not a directory")
+        try:
+            self.classes, class_to_idx = find_classes(str(root))
+        except FileNotFoundError:
+            raise DataError(f"data path {root} is empty: expected one sub-folder of images per class") from None
+        self.samples = make_dataset(str(root), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+        if not self.samples:
+            raise DataError(f"data path {root} has class folders but no images ({', '.join(IMG_EXTENSIONS)})")
+        self.targets = np.array([label for _, label in self.samples], dtype=np.int64)
+        if verify:
+            self._verify_headers()
+
+    def _verify_headers(self) -> None:
+        def bad(path: str) -> str | None:
+            magics = _MAGIC.get(os.path.splitext(path)[1].lower())
+            try:
+                with open(path, "rb") as f:
+                    head = f.read(16)
+            except OSError as e:
+                return f"{path}: {e.strerror}"
+            if not head or (magics and not head.startswith(magics)):
+                return f"{path}: not a valid {os.path.splitext(path)[1]} image"
+            return None
+
+        with ThreadPoolExecutor(16) as pool:
+            for problem in pool.map(bad, (p for p, _ in self.samples), chunksize=256):
+                if problem:
+                    raise DataError(f"unreadable image {problem}")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int) -> Image.Image:
+        path = self.samples[index][0]
+        try:
+            with Image.open(path) as img:
+                return img.convert("RGB")
+        except (OSError, ValueError, SyntaxError) as e:
+            raise DataError(f"unreadable image {path}: {e}") from None
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        return self.load(index), int(self.targets[index])
+
+
+def resolve_dataset(data: str, split: str = "train", image_size: int = 224, verify: bool = True):
+    """The dataset that `data` names, for `split` ('train' or 'val')."""
+    if data == "fashion-mnist" or data.startswith("fashion-mnist:"):
+        root = Path(data.partition(":")[2] or FASHION_MNIST_DIR)
+        if not root.is_dir():
+            raise DataError(f"Fashion-MNIST directory {root} not found (apt-get install dataset-fashion-mnist)")
+        return FashionMNIST(root, split, image_size)
+    if not data:
+        raise DataError("no data path given")
+    root = Path(data)
+    if not root.exists():
+        raise DataError(f"data path {root} does not exist")
+    if (root / "train").is_dir():
+        return ImageFolderFiles(root / split, verify)
+    if split != "train":
+        raise DataError(f"data path {root} has no '{split}' folder for evaluation (expected {root}/train and {root}/{split})")
+    return ImageFolderFiles(root, verify)
+
+
+def is_fashion_mnist(data: str) -> bool:
+    return data == "fashion-mnist" or data.startswith("fashion-mnist:")

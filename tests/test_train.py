@@ -1,0 +1,134 @@
+"""train.py end to end on tiny Fashion-MNIST runs: metrics, checkpoints, exact resume, and bad input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from engine.checkpoint import load_checkpoint, query_encoder_state
+from engine.config import ConfigError, parse_config, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--epochs", "2", "--max-steps", "3", "--batch-size", "32", "--moco-k", "128", "--image-size", "16",
+        "--workers", "0", "--knn-train-samples", "200", "--knn-val-samples", "100", "--print-freq", "1"]
+
+
+def rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    assert train.main(TINY + ["--out", str(out)]) == 0
+    return out
+
+
+def test_metrics_rows_and_official_checkpoint_layout(full_run):
+    metrics = rows(full_run)
+    assert [r["epoch"] for r in metrics] == [0, 1, 2]
+    assert metrics[0]["loss"] is None and 0 <= metrics[0]["knn_top1"] <= 100
+    for r in metrics[1:]:
+        assert {"epoch", "loss", "knn_top1", "img_per_s", "lr"} <= set(r) and r["img_per_s"] > 0 and r["loss"] > 0
+    ckpt = torch.load(full_run / "checkpoint_0002.pth.tar", map_location="cpu", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["arch"] == "resnet_mini_cifar" and "optimizer" in ckpt
+    keys = ckpt["state_dict"].keys()
+    assert "module.encoder_q.conv1.weight" in keys and "module.queue" in keys and "module.queue_ptr" in keys
+    assert not list(full_run.glob("*.tmp"))
+
+
+def test_checkpoint_loads_like_official_main_lincls(full_run):
+    """The loading code of the official main_lincls.py, applied to our checkpoint."""
+    from model.resnet import build_encoder
+
+    state_dict = torch.load(full_run / "checkpoint_last.pth.tar", map_location="cpu")["state_dict"]
+    for k in list(state_dict.keys()):
+        if k.startswith("module.encoder_q") and not k.startswith("module.encoder_q.fc"):
+            state_dict[k[len("module.encoder_q."):]] = state_dict[k]
+        del state_dict[k]
+    model = build_encoder("resnet_mini_cifar", num_classes=10)
+    msg = model.load_state_dict(state_dict, strict=False)
+    assert set(msg.missing_keys) == {"fc.weight", "fc.bias"}
+    assert query_encoder_state(torch.load(full_run / "checkpoint_last.pth.tar")["state_dict"]).keys() == state_dict.keys()
+
+
+def test_resumed_run_matches_uninterrupted_run(full_run, tmp_path):
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    (resumed / "metrics.jsonl").write_text((full_run / "metrics.jsonl").read_text().splitlines()[0] + "\n")
+    args = TINY + ["--out", str(resumed), "--resume", str(full_run / "checkpoint_0001.pth.tar")]
+    assert train.main(args) == 0
+    a = load_checkpoint(full_run / "checkpoint_0002.pth.tar")
+    b = load_checkpoint(resumed / "checkpoint_0002.pth.tar")
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for k in a["state_dict"]:
+        torch.testing.assert_close(a["state_dict"][k], b["state_dict"][k], rtol=0, atol=0, msg=k)
+    assert rows(resumed)[-1]["loss"] == pytest.approx(rows(full_run)[-1]["loss"], rel=1e-6)
+    assert [r["epoch"] for r in rows(resumed)] == [0, 2]
+
+
+def run_cli(args):
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_missing_data_path(tmp_path):
+    assert_one_line_error(run_cli(TINY + ["--data", str(tmp_path / "nope"), "--out", str(tmp_path)]),
+                          "does not exist", "nope")
+
+
+def test_empty_data_path(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_one_line_error(run_cli(TINY + ["--data", str(empty), "--out", str(tmp_path)]), "is empty")
+
+
+def test_unreadable_image(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "images"
+    (root / "a").mkdir(parents=True)
+    for i in range(4):
+        Image.new("RGB", (20, 20), (i * 40, 0, 0)).save(root / "a" / f"ok{i}.jpg")
+    (root / "a" / "broken.jpg").write_bytes(b"this is not a jpeg")
+    assert_one_line_error(run_cli(TINY + ["--data", str(root), "--out", str(tmp_path)]),
+                          "unreadable image", "broken.jpg")
+
+
+def test_k_not_divisible_by_global_batch(tmp_path):
+    assert_one_line_error(run_cli(TINY + ["--moco-k", "100", "--out", str(tmp_path)]), "--moco-k 100", "32")
+
+
+def test_unknown_loader_and_arch(tmp_path):
+    assert_one_line_error(run_cli(TINY + ["--loader", "tfrecord", "--out", str(tmp_path)]), "--loader", "tfrecord")
+    assert_one_line_error(run_cli(TINY + ["--arch", "vgg11", "--out", str(tmp_path)]), "--arch", "vgg11")
+
+
+def test_corrupt_checkpoint(tmp_path):
+    bad = tmp_path / "checkpoint.pth.tar"
+    bad.write_bytes(b"\x00garbage" * 100)
+    assert_one_line_error(run_cli(TINY + ["--resume", str(bad), "--out", str(tmp_path)]), "corrupt", str(bad))
+
+
+def test_batch_not_divisible_by_world_size():
+    with pytest.raises(ConfigError, match="--batch-size 33 is not divisible by the world size 2"):
+        validate(parse_config(["--batch-size", "33", "--moco-k", "33"]), world_size=2)
+
+
+def test_help_documents_every_flag():
+    text = run_cli(["--help"]).stdout
+    for flag in ["--data", "--loader", "--arch", "--moco-k", "--moco-m", "--moco-t", "--mlp", "--shuffle",
+                 "--batch-size", "--lr", "--schedule", "--precision", "--resume", "--out", "--knn-k", "--preset"]:
+        assert flag in text
