@@ -11,6 +11,7 @@ in the official layout. `--help` lists every flag.
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import sys
 import time
@@ -44,9 +45,11 @@ def build_model(cfg: TrainConfig, runtime: Runtime):
     if runtime.world_size == 1:
         return moco, moco
     device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
-    # Ranks keep their own query-encoder BN buffers (broadcasting them, and the 32 MB queue, every step
-    # buys nothing: the queues are identical by construction).
-    ddp = torch.nn.parallel.DistributedDataParallel(moco, device_ids=device_ids, broadcast_buffers=False)
+    # Ranks keep their own query-encoder BN buffers: broadcasting them, and the 32 MB queue, every step
+    # buys nothing (the queues are identical by construction). torch 2.14 renamed the switch.
+    ddp_init = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
+    no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in ddp_init else {"broadcast_buffers": False}
+    ddp = torch.nn.parallel.DistributedDataParallel(moco, device_ids=device_ids, **no_sync)
     return moco, ddp
 
 

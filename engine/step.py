@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from model.moco import no_stage
+
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
@@ -19,8 +21,8 @@ class MocoStep:
     """Runs a step and counts, on the device, the steps whose loss was not finite (fp16 overflow): the
     GradScaler skips their update, and the trainer logs the count once per epoch."""
 
-    def __init__(self, model, optimizer, precision: str, device: torch.device):
-        self.model, self.optimizer, self.device = model, optimizer, device
+    def __init__(self, model, optimizer, precision: str, device: torch.device, stage=no_stage):
+        self.model, self.optimizer, self.device, self.stage = model, optimizer, device, stage
         self.amp_dtype = AMP_DTYPES[precision]
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self.nonfinite_steps = torch.zeros((), dtype=torch.long, device=device)
@@ -28,10 +30,13 @@ class MocoStep:
     def __call__(self, im_q, im_k) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             logits, labels = self.model(im_q, im_k)
-        loss = F.cross_entropy(logits, labels)
-        self.nonfinite_steps += (~torch.isfinite(loss)).long()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        with self.stage("loss"):
+            loss = F.cross_entropy(logits, labels)
+            self.nonfinite_steps += (~torch.isfinite(loss)).long()
+        with self.stage("backward"):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+        with self.stage("optimizer"):
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         return loss.detach()

@@ -11,6 +11,8 @@ carry over. What differs is speed and reach:
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,6 +21,11 @@ from model import distributed
 from model.split_bn import convert_to_split_bn
 
 SHUFFLE_MODES = ("ddp", "split", "none")
+
+
+def no_stage(name: str):
+    """The default stage marker: nothing. Benchmarks swap in one that times and NVTX-annotates each stage."""
+    return nullcontext()
 
 
 def default_shuffle() -> str:
@@ -59,6 +66,7 @@ class MoCo(nn.Module):
         self.register_buffer("queue", F.normalize(torch.randn(dim, K), dim=0))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
         self.ptr = 0
+        self.stage = no_stage
         self.register_load_state_dict_post_hook(lambda module, _: module._read_queue_ptr())
 
     def _read_queue_ptr(self) -> None:
@@ -105,15 +113,18 @@ class MoCo(nn.Module):
     @torch.no_grad()
     def _compute_keys(self, im_k):
         """Keys from the key encoder, with BN shuffled across (real or emulated) devices."""
-        if self.shuffle == "ddp":
-            im_k, idx_unshuffle = self._batch_shuffle_ddp(im_k)
-        elif self.shuffle == "split":
-            im_k, idx_unshuffle = self._batch_shuffle_split(im_k)
-        k = F.normalize(self.encoder_k(im_k.contiguous(memory_format=torch.channels_last)).float(), dim=1)
-        if self.shuffle == "ddp":
-            k = self._batch_unshuffle_ddp(k, idx_unshuffle)
-        elif self.shuffle == "split":
-            k = k[idx_unshuffle]
+        with self.stage("shuffle"):
+            if self.shuffle == "ddp":
+                im_k, idx_unshuffle = self._batch_shuffle_ddp(im_k)
+            elif self.shuffle == "split":
+                im_k, idx_unshuffle = self._batch_shuffle_split(im_k)
+        with self.stage("key_forward"):
+            k = F.normalize(self.encoder_k(im_k.contiguous(memory_format=torch.channels_last)).float(), dim=1)
+        with self.stage("unshuffle"):
+            if self.shuffle == "ddp":
+                k = self._batch_unshuffle_ddp(k, idx_unshuffle)
+            elif self.shuffle == "split":
+                k = k[idx_unshuffle]
         return k
 
     def _contrastive_logits(self, q, k):
@@ -130,10 +141,14 @@ class MoCo(nn.Module):
         im_q, im_k: two augmented views of the same images
         returns logits (N x (1+K), fp32) and their targets (all zeros: the positive is column 0)
         """
-        q = F.normalize(self.encoder_q(im_q).float(), dim=1)
+        with self.stage("query_forward"):
+            q = F.normalize(self.encoder_q(im_q).float(), dim=1)
         with torch.no_grad():
-            self._momentum_update_key_encoder()
+            with self.stage("momentum_update"):
+                self._momentum_update_key_encoder()
             k = self._compute_keys(im_k)
-        logits, labels = self._contrastive_logits(q, k)
-        self._dequeue_and_enqueue(k)
+        with self.stage("logits"):
+            logits, labels = self._contrastive_logits(q, k)
+        with self.stage("queue_update"):
+            self._dequeue_and_enqueue(k)
         return logits, labels

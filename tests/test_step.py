@@ -1,0 +1,86 @@
+"""The training step under mixed precision, the optimizers and the lr schedule."""
+
+import functools
+import math
+
+import pytest
+import torch
+
+from engine.config import OptimConfig
+from engine.optim import LARS, build_optimizer, learning_rate
+from engine.step import MocoStep, resolve_precision
+from model import MoCo, build_encoder
+
+
+def make_moco():
+    torch.manual_seed(0)
+    return MoCo(functools.partial(build_encoder, "resnet_mini_cifar"), dim=16, K=64, shuffle="split", bn_splits=2)
+
+
+def test_fp16_step_skips_a_nonfinite_loss_and_goes_on():
+    moco = make_moco()
+    step = MocoStep(moco, build_optimizer(OptimConfig(lr=0.1), moco.parameters()), "fp16", torch.device("cpu"))
+    x = torch.randn(8, 3, 8, 8)
+    step(x, x)
+    scale = step.scaler.get_scale()
+    before = {n: p.clone() for n, p in moco.encoder_q.named_parameters()}
+    loss = step(torch.full_like(x, float("nan")), x)
+    assert not torch.isfinite(loss) and int(step.nonfinite_steps) == 1
+    assert step.scaler.get_scale() == scale / 2
+    for n, p in moco.encoder_q.named_parameters():
+        assert torch.equal(p, before[n]), n  # the update was skipped
+    assert torch.isfinite(step(x, x))  # and training goes on
+    assert int(step.nonfinite_steps) == 1
+
+
+def test_bf16_step_tracks_the_fp32_step():
+    torch.manual_seed(0)
+    x_q, x_k = torch.randn(8, 3, 8, 8), torch.randn(8, 3, 8, 8)
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        moco = make_moco()
+        step = MocoStep(moco, build_optimizer(OptimConfig(lr=0.1), moco.parameters()), precision, torch.device("cpu"))
+        torch.manual_seed(1)  # same shuffle-BN permutations
+        losses[precision] = [float(step(x_q, x_k)) for _ in range(3)]
+    assert all(math.isfinite(v) for v in losses["bf16"])
+    assert losses["bf16"][0] == pytest.approx(losses["fp32"][0], rel=2e-2)  # same weights, bf16 forward
+
+
+def test_precision_auto():
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert resolve_precision("auto", torch.device("cuda")) == "bf16"
+    assert resolve_precision("fp16", torch.device("cpu")) == "fp16"
+
+
+def test_lars_matches_its_definition():
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(4, 3))
+    bias = torch.nn.Parameter(torch.randn(4))
+    weight.grad, bias.grad = torch.randn(4, 3), torch.randn(4)
+    w0, b0, gw, gb = weight.detach().clone(), bias.detach().clone(), weight.grad.clone(), bias.grad.clone()
+    LARS([weight, bias], lr=0.5, weight_decay=0.1, momentum=0.9, trust_coefficient=0.001).step()
+    update = gw + 0.1 * w0
+    trust = 0.001 * w0.norm() / update.norm()
+    torch.testing.assert_close(weight.detach(), w0 - 0.5 * trust * update)
+    torch.testing.assert_close(bias.detach(), b0 - 0.5 * gb)  # biases: no decay, no trust ratio
+
+
+def test_apex_optimizer_needs_apex():
+    """apex is on no registry we reach: asking for it without it must say so clearly."""
+    from engine.config import ConfigError
+
+    try:
+        import apex  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match="apex"):
+            build_optimizer(OptimConfig(optimizer="apex-sgd"), [torch.nn.Parameter(torch.zeros(1))])
+
+
+def test_learning_rate_schedules():
+    cos = OptimConfig(lr=0.4, schedule="cos", warmup_epochs=2)
+    assert learning_rate(cos, 1.0, 10) == pytest.approx(0.2)
+    assert learning_rate(cos, 2.0, 10) == pytest.approx(0.4)
+    assert learning_rate(cos, 6.0, 10) == pytest.approx(0.2)
+    assert learning_rate(cos, 10.0, 10) == pytest.approx(0.0, abs=1e-12)
+    step = OptimConfig(lr=0.03, schedule="step", lr_steps=(120, 160))
+    assert [learning_rate(step, e, 200) for e in (0, 119.9, 120, 170)] == pytest.approx([0.03, 0.03, 0.003, 0.0003])
