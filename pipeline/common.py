@@ -22,6 +22,12 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch) % (2**63)
 
 
+def epoch_shard(num_samples: int, rank: int, world_size: int, seed: int, epoch: int) -> torch.Tensor:
+    """This rank's disjoint, equal share of the epoch's permutation (the same permutation on every rank)."""
+    order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(epoch_seed(seed, epoch)))
+    return order[: (num_samples // world_size) * world_size][rank::world_size]
+
+
 def to_step_layout(x: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """An NCHW batch on `device` in `dtype` and channels_last: the layout the MoCo step consumes."""
     x = x.to(device, non_blocking=True)

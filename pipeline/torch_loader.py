@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 
 from pipeline.augs import AugRecipe, get_recipe
-from pipeline.common import epoch_seed, steps_per_epoch, to_step_layout
+from pipeline.common import epoch_seed, epoch_shard, steps_per_epoch, to_step_layout
 from pipeline.datasets import is_fashion_mnist, resolve_dataset
 
 
@@ -66,8 +66,7 @@ class ShardSampler(Sampler):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         seed_of_epoch = epoch_seed(self.seed, self.epoch)
-        order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(seed_of_epoch))
-        shard = order[: len(self) * self.world_size][self.rank :: self.world_size].tolist()
+        shard = epoch_shard(self.num_samples, self.rank, self.world_size, self.seed, self.epoch).tolist()
         return ((i, sample_seed(seed_of_epoch, i)) for i in shard)
 
 

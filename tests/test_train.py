@@ -132,3 +132,13 @@ def test_help_documents_every_flag():
     for flag in ["--data", "--loader", "--arch", "--moco-k", "--moco-m", "--moco-t", "--mlp", "--shuffle",
                  "--batch-size", "--lr", "--schedule", "--precision", "--resume", "--out", "--knn-k", "--preset"]:
         assert flag in text
+
+
+def test_default_command_smoke(tmp_path):
+    """`python train.py` with its defaults, cut to a few steps: the README's main command works."""
+    result = run_cli(["--epochs", "1", "--max-steps", "3", "--knn-train-samples", "500", "--knn-val-samples", "200",
+                      "--out", str(tmp_path)])
+    assert result.returncode == 0, result.stderr
+    assert "kNN top-1" in result.stderr and "resnet_mini_cifar" in result.stderr
+    metrics = rows(tmp_path)
+    assert [r["epoch"] for r in metrics] == [0, 1] and metrics[1]["knn_top1"] is not None
