@@ -1,0 +1,76 @@
+"""Throughput benchmarks: `python -m benchmarks SUITE [flags] [--json FILE] [--png FILE]`.
+
+    python -m benchmarks step --steps 10                                   # the default CPU model, 2 cores
+    python -m benchmarks loader --backend torch synthetic --data fashion-mnist --png loaders.png
+    python -m benchmarks stages --preset imagenet --data /imagenet --backend dali --json stages.json
+    python -m benchmarks step --preset imagenet --precision fp16 --compile --check-syncs --trace traces/
+    torchrun --nproc_per_node 8 -m benchmarks step --preset imagenet       # all-gathers timed too
+    python -m benchmarks chart a.json b.json --png compare.png
+
+Suites are in benchmarks/<suite>_suite.py; every one returns results that report.py prints and writes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import torch
+from rich.console import Console
+
+from benchmarks import chart, options, report
+from engine.checkpoint import CheckpointError
+from engine.config import ConfigError
+from engine.distributed import init_runtime, shutdown
+from engine.step import resolve_precision
+from pipeline.errors import DataError
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError)
+
+
+def run_suite(suite: str, opts, cfg, command: list[str], console: Console) -> None:
+    """Runs one suite and reports it on rank 0. Process-wide settings are put back after, so that main() can
+    run inside a test process."""
+    threads, cudnn_benchmark = torch.get_num_threads(), torch.backends.cudnn.benchmark
+    torch.set_num_threads(opts.threads or threads)
+    torch.backends.cudnn.benchmark = opts.cudnn_benchmark
+    runtime = init_runtime(cfg.run.device)
+    try:
+        precision = resolve_precision(cfg.run.precision, runtime.device)
+        module = importlib.import_module(f"benchmarks.{suite}_suite")
+        results = module.run(cfg, runtime, precision, opts)
+        if not runtime.is_main:
+            return
+        doc = report.document(report.header(suite, runtime, cfg, precision, opts, command), results)
+        for record in report.records(doc):
+            report.print_record(record, console)
+        if opts.json:
+            report.write_json(opts.json, doc)
+        if opts.png:
+            chart.write_chart(report.records(doc), opts.png)
+    finally:
+        shutdown()
+        torch.set_num_threads(threads)
+        torch.backends.cudnn.benchmark = cudnn_benchmark
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    command = ["python", "-m", "benchmarks", *args]
+    console = Console()
+    try:
+        opts, cfg = options.parse(args)
+        if opts.suite == "chart":
+            records = chart.load_records(opts.results)
+            report.print_comparison(records, console)
+            chart.write_chart(records, opts.png)
+        else:
+            run_suite(opts.suite, opts, cfg, command, console)
+    except USER_ERRORS as e:
+        print(f"error: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""The command line: benchmark flags here, every model/data/optimiser flag from train.py's own parser.
+
+Taking train.py's flags (and presets) as they are means a benchmark measures exactly the run that the same
+flags would train: `--preset imagenet` gives the paper's ResNet-50 recipe, the default the 2-core CPU one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from engine.config import TrainConfig, parse_config
+from engine.config import build_parser as build_train_parser
+from pipeline.torch_loader import default_workers
+
+SUITES = {
+    "loader": "a loader alone: images/s, host CPU-seconds per image, peak host and device memory",
+    "step": "the MoCo step alone on synthetic on-device batches: images/s and ms per stage",
+    "e2e": "loader plus step, through train.py's own epoch loop: images/s and time blocked on the loader",
+    "stages": "one table: the loader's pieces, every step stage, the step and end-to-end totals",
+    "chart": "a PNG from JSON results: stacked stage breakdowns and images/s per run",
+}
+
+TRAIN_FLAGS_NOTE = (
+    "Model, data and optimiser flags are train.py's (python train.py --help), with its presets: e.g. --preset "
+    "imagenet, --arch, --batch-size, --image-size, --precision bf16|fp16|fp32, --moco-k, --data, --workers, "
+    "--optimizer, --shuffle, --bn-splits, --device."
+)
+
+
+def count(minimum: int):
+    """An argparse type: an integer of at least `minimum`."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}")
+        return value
+
+    return parse
+
+
+def add_measurement_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", nargs="+", default=None, metavar="NAME",
+                        help="loader backend(s): torch dali ffcv synthetic (default: train.py's --loader); "
+                             "the loader suite takes several")
+    parser.add_argument("--steps", type=count(1), default=20, help="timed steps (batches) per repeat")
+    parser.add_argument("--warmup", type=count(0), default=5, help="untimed steps first (compilation, worker start)")
+    parser.add_argument("--repeats", type=count(1), default=3, help="timed windows; images/s is their median")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                        help="encoders and inputs in channels_last (as train.py)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both encoders")
+    parser.add_argument("--fused-sgd", action=argparse.BooleanOptionalAction, default=True,
+                        help="fused SGD kernel (as train.py); --no-fused-sgd uses the foreach one")
+    parser.add_argument("--cudnn-benchmark", action="store_true",
+                        help="let cuDNN time its convolution algorithms first (train.py does not)")
+    parser.add_argument("--sample-images", type=count(1), default=64,
+                        help="images timed piece by piece for the torch loader's read/decode, augment, H2D")
+    parser.add_argument("--threads", type=count(1), default=None,
+                        help="torch intra-op threads (default: torch's); 1 is steadier on a shared CPU")
+    parser.add_argument("--check-syncs", action="store_true",
+                        help="run steps under torch.cuda.set_sync_debug_mode('error') (GPU only)")
+    parser.add_argument("--trace", type=Path, metavar="DIR", help="write a torch.profiler Chrome trace here")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="write the results here")
+    parser.add_argument("--png", type=Path, metavar="FILE", help="write a chart of the results here")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description="Throughput benchmarks of fast-moco.",
+                                     epilog=TRAIN_FLAGS_NOTE)
+    suites = parser.add_subparsers(dest="suite", required=True, metavar="SUITE")
+    for name, help_text in SUITES.items():
+        sub = suites.add_parser(name, help=help_text, description=help_text, allow_abbrev=False,
+                                epilog=None if name == "chart" else TRAIN_FLAGS_NOTE)
+        if name == "chart":
+            sub.add_argument("results", nargs="+", type=Path, help="JSON files written by --json")
+            sub.add_argument("--png", type=Path, required=True, metavar="FILE", help="the chart to write")
+        else:
+            add_measurement_flags(sub)
+    return parser
+
+
+def parse(argv: list[str]) -> tuple[argparse.Namespace, TrainConfig | None]:
+    """The benchmark flags, and the TrainConfig that the remaining (train.py) flags give; None for `chart`."""
+    parser = build_parser()
+    opts, train_argv = parser.parse_known_args(argv)
+    if opts.suite == "chart":
+        if train_argv:
+            parser.error(f"unrecognized arguments: {' '.join(train_argv)}")
+        return opts, None
+    unknown = build_train_parser().parse_known_args(train_argv)[1]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)} (neither a benchmark nor a train.py flag)")
+    cfg = parse_config(train_argv)
+    workers = default_workers() if cfg.data.workers is None else cfg.data.workers
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, workers=workers))
+    opts.backend = opts.backend or [cfg.data.loader]
+    return opts, cfg

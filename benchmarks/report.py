@@ -1,0 +1,117 @@
+"""Results out: one JSON document per run, and rich tables in the terminal.
+
+A document is the header (suite, device, versions, config, command), then the first result's fields at the
+top level (the usual single-backend case reads as `doc["images_per_s"]`), then `results`: every backend's
+result, each with its own `backend`, `images_per_s`, `cpu_s_per_image`, `stages` (name -> ms per step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from benchmarks import host
+from engine.config import TrainConfig
+from engine.distributed import Runtime
+
+HEADER_FIELDS = ("suite", "device", "versions", "config", "command")
+
+
+def header(suite: str, runtime: Runtime, cfg: TrainConfig, precision: str, opts: argparse.Namespace,
+           command: list[str]) -> dict:
+    config = {**dataclasses.asdict(cfg.data), **dataclasses.asdict(cfg.model), **dataclasses.asdict(cfg.optim)}
+    for key in ("loader", "knn_data"):  # the backend is per result; benchmarks run no kNN monitor
+        config.pop(key)
+    config.update(precision=precision, seed=cfg.run.seed, world_size=runtime.world_size, steps=opts.steps,
+                  warmup=opts.warmup, repeats=opts.repeats, channels_last=opts.channels_last, compile=opts.compile,
+                  fused_sgd=opts.fused_sgd, cudnn_benchmark=opts.cudnn_benchmark, threads=torch.get_num_threads())
+    return {"suite": suite, "device": host.device_name(runtime.device), "versions": host.versions(),
+            "config": config, "command": command}
+
+
+def document(head: dict, results: list[dict]) -> dict:
+    return {**head, **results[0], "results": results}
+
+
+def write_json(path: Path, doc: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def records(doc: dict) -> list[dict]:
+    """Every result of a document, each with the document's header: what charts and comparisons work on."""
+    head = {key: doc[key] for key in HEADER_FIELDS}
+    return [{**head, **result} for result in doc["results"]]
+
+
+def label(record: dict) -> str:
+    """A short name for a run: suite, backend, size, precision, and where it departs from train.py's settings."""
+    c = record["config"]
+    departures = (("no-channels-last", not c["channels_last"]), ("compile", c["compile"]),
+                  ("foreach-sgd", not c["fused_sgd"]), ("cudnn-benchmark", c["cudnn_benchmark"]))
+    model = "" if record["suite"] == "loader" else f" {c['arch']}"
+    return " ".join([f"{record['suite']}:{record['backend']}{model} b{c['batch_size']} {c['image_size']}px",
+                     c["precision"], *(name for name, departs in departures if departs)])
+
+
+def figures(record: dict) -> list[tuple[str, str]]:
+    c = record["config"]
+    model = "" if record["suite"] == "loader" else f"{c['arch']}, K {c['moco_k']}, "
+    rows = [("device", f"{record['device']} x{c['world_size']}"),
+            ("run", f"{model}batch {c['batch_size']}, {c['image_size']} px, {c['precision']}, {c['workers']} workers"),
+            ("images/s", f"{record['images_per_s']:,.1f}"),
+            ("host CPU ms per image", f"{1e3 * record['cpu_s_per_image']:.3f}")]
+    for key, name in (("loader_images_per_s", "loader alone, images/s"), ("step_images_per_s", "step alone, images/s")):
+        if key in record:
+            rows.append((name, f"{record[key]:,.1f}"))
+    if "data_wait_fraction" in record:
+        rows.append(("time blocked on the loader", f"{100 * record['data_wait_fraction']:.1f}%"))
+    rows.append(("peak host RSS (main process, whole run)", f"{record['peak_host_rss_mb']:,.0f} MB"))
+    if record.get("workers_rss_mb"):
+        rows.append(("loader workers' RSS", f"{record['workers_rss_mb']:,.0f} MB"))
+    device_peak = record["peak_device_mb"]
+    rows.append(("peak device memory", "n/a (CPU)" if device_peak is None else f"{device_peak:,.0f} MB"))
+    if "sync_check" in record:
+        rows.append(("host syncs in the step", f"{record['sync_check']['status']}: {record['sync_check']['note']}"))
+    return rows
+
+
+def print_record(record: dict, console: Console) -> None:
+    table = Table(title=f"{record['suite']} suite, {record['backend']} loader", title_justify="left")
+    table.add_column("group")
+    table.add_column("stage")
+    table.add_column("ms per step", justify="right")
+    table.add_column("share of group", justify="right")
+    for group, names in record["stage_groups"].items():
+        group_sum = sum(record["stages"][n] for n in names)
+        for i, name in enumerate(names):
+            ms = record["stages"][name]
+            share = f"{100 * ms / group_sum:.1f}%" if group_sum > 0 else ""
+            table.add_row(group if i == 0 else "", name, f"{ms:.3f}", share)
+        table.add_section()
+    for name, ms in record.get("totals", {}).items():
+        table.add_row("totals", name, f"{ms:.3f}", "")
+    console.print(table)
+    summary = Table(show_header=False, box=None)
+    for name, value in figures(record):
+        summary.add_row(name, value)
+    console.print(summary)
+    for note in record.get("notes", []):
+        console.print(f"[dim]note: {note}[/dim]")
+
+
+def print_comparison(rows: list[dict], console: Console) -> None:
+    devices = " / ".join(sorted({r["device"] for r in rows}))
+    table = Table(title=f"runs compared on {devices}", title_justify="left")
+    table.add_column("run")
+    table.add_column("images/s", justify="right")
+    table.add_column("host CPU ms/image", justify="right")
+    for r in rows:
+        table.add_row(label(r), f"{r['images_per_s']:,.1f}", f"{1e3 * r['cpu_s_per_image']:.3f}")
+    console.print(table)

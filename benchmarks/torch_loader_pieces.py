@@ -1,0 +1,77 @@
+"""The torch loader taken apart: read/decode, augment (both views), collate and the host-to-device copy.
+
+A loader run only shows the slowest piece. Here each piece of the torch loader runs alone, in this process on
+one thread as a DataLoader worker runs it, on a sample of images, scaled to ms per batch. The workers run
+the first three in parallel, so when the CPU is the limit the loader's wall time per batch is about their sum
+over --workers.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from contextlib import contextmanager
+
+import torch
+
+from benchmarks import timing, workload
+from engine.config import TrainConfig
+from engine.distributed import Runtime
+from pipeline.augs import get_recipe
+from pipeline.common import to_step_layout
+from pipeline.datasets import resolve_dataset
+from pipeline.torch_loader import view_transform
+
+PIECES = ("read_decode", "augment", "collate", "h2d")
+
+
+@contextmanager
+def one_thread():
+    """DataLoader workers run torch ops single-threaded."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def measure(cfg: TrainConfig, runtime: Runtime, precision: str, sample: int) -> dict[str, float]:
+    """ms per batch of each piece, on one core; the copy is timed on a full batch, median of 5."""
+    dataset = resolve_dataset(cfg.data.data, "train", cfg.data.image_size)
+    transform = view_transform(get_recipe(cfg.data.aug), cfg.data.image_size)
+    generator = torch.Generator().manual_seed(cfg.run.seed)
+    indices = torch.randperm(len(dataset), generator=generator)[:sample].tolist()
+    batch = workload.per_rank_batch(cfg, runtime)
+    torch.manual_seed(cfg.run.seed)
+    with one_thread():
+        start = time.perf_counter()
+        images = [dataset.load(i) for i in indices]
+        decoded = time.perf_counter()
+        views = [(transform(img), transform(img)) for img in images]
+        augmented = time.perf_counter()
+        im_q, im_k = (torch.stack([pair[v] for pair in views]) for v in (0, 1))
+        collated = time.perf_counter()
+    per_image = 1e3 * batch / len(indices)
+    return {
+        "read_decode": (decoded - start) * per_image,
+        "augment": (augmented - decoded) * per_image,
+        "collate": (collated - augmented) * per_image,
+        "h2d": h2d_ms(im_q, im_k, batch, runtime.device, workload.input_dtype(precision)),
+    }
+
+
+def h2d_ms(im_q: torch.Tensor, im_k: torch.Tensor, batch: int, device: torch.device, dtype: torch.dtype) -> float:
+    """Both views of a full batch, from pinned memory (on a GPU) into the step's layout on the device."""
+    im_q, im_k = (x.repeat(math.ceil(batch / len(x)), 1, 1, 1)[:batch] for x in (im_q, im_k))
+    if device.type == "cuda":
+        im_q, im_k = im_q.pin_memory(), im_k.pin_memory()
+    times = []
+    for _ in range(5):
+        timing.synchronize(device)
+        start = time.perf_counter()
+        to_step_layout(im_q, device, dtype), to_step_layout(im_k, device, dtype)
+        timing.synchronize(device)
+        times.append(1e3 * (time.perf_counter() - start))
+    return statistics.median(times)

@@ -1,0 +1,112 @@
+"""The benchmark suites on a tiny CPU configuration: they run, their JSON holds every promised field, the
+stage times account for the step, and the chart is a real PNG."""
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from benchmarks.__main__ import main
+from benchmarks.imagenet_like import generate
+
+# One thread: on a shared 2-core machine it is the steadiest setting (see --threads).
+TINY = ["--arch", "resnet_mini_cifar", "--batch-size", "16", "--image-size", "16", "--moco-k", "64",
+        "--steps", "4", "--warmup", "1", "--repeats", "2", "--workers", "0", "--threads", "1"]
+STEP_STAGES = ["query_forward", "momentum_update", "shuffle", "key_forward", "unshuffle", "logits", "queue_update",
+               "loss", "backward", "optimizer"]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def run(tmp_path: Path, name: str, *args: str) -> dict:
+    out = tmp_path / f"{name}.json"
+    assert main([*args, *TINY, "--json", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def assert_valid_png(path: Path) -> None:
+    assert path.stat().st_size > 0 and path.read_bytes()[:8] == PNG_SIGNATURE
+    with Image.open(path) as img:
+        assert img.width > 100 and img.height > 100
+
+
+def assert_required_fields(doc: dict, suite: str) -> None:
+    assert doc["suite"] == suite and doc["device"]
+    assert {"python", "torch", "torchvision"} <= set(doc["versions"])
+    assert doc["config"]["arch"] == "resnet_mini_cifar" and doc["config"]["batch_size"] == 16
+    assert doc["command"][:3] == ["python", "-m", "benchmarks"] and suite in doc["command"]
+    for result in [doc, *doc["results"]]:
+        assert result["backend"] and result["images_per_s"] > 0 and result["cpu_s_per_image"] >= 0
+        assert result["stages"] and all(ms >= 0 for ms in result["stages"].values())
+        assert result["peak_host_rss_mb"] > 0 and result["peak_device_mb"] is None  # CPU: no device memory
+
+
+@pytest.fixture(scope="module")
+def step_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("step")
+    doc = run(tmp, "step", "step", "--trace", str(tmp / "trace"), "--check-syncs", "--png", str(tmp / "step.png"))
+    return doc, tmp
+
+
+def test_step_suite_reports_every_stage(step_run):
+    doc, tmp = step_run
+    assert_required_fields(doc, "step")
+    assert doc["backend"] == "synthetic" and list(doc["stages"]) == STEP_STAGES
+    assert doc["cpu_s_per_image"] > 0
+    assert doc["totals"]["step_ms"] > 0
+    assert doc["sync_check"]["status"] == "skipped"  # a CPU run has no host-device sync to catch
+    assert_valid_png(tmp / "step.png")
+
+
+def test_stage_times_add_up_to_the_instrumented_step(step_run):
+    totals = step_run[0]["totals"]
+    assert totals["stage_sum_ms"] == pytest.approx(sum(step_run[0]["stages"].values()))
+    assert totals["stage_sum_ms"] == pytest.approx(totals["step_ms_instrumented"], rel=0.10)
+
+
+def test_trace_names_the_stages(step_run):
+    doc, _ = step_run
+    (trace,) = doc["traces"]
+    names = {event.get("name") for event in json.loads(Path(trace).read_text())["traceEvents"]}
+    assert {"query_forward", "backward", "optimizer"} <= names
+
+
+def test_loader_suite_measures_several_backends(tmp_path):
+    doc = run(tmp_path, "loader", "loader", "--backend", "synthetic", "torch", "--data", "fashion-mnist",
+              "--png", str(tmp_path / "loaders.png"))
+    assert_required_fields(doc, "loader")
+    assert [r["backend"] for r in doc["results"]] == ["synthetic", "torch"]
+    assert doc["results"][1]["cpu_s_per_image"] > 0  # decoding and augmenting cost host CPU
+    assert all(r["stages"]["next_batch"] > 0 for r in doc["results"])
+    assert_valid_png(tmp_path / "loaders.png")
+
+
+def test_e2e_suite_splits_waiting_from_stepping(tmp_path):
+    doc = run(tmp_path, "e2e", "e2e", "--backend", "torch", "--data", "fashion-mnist")
+    assert_required_fields(doc, "e2e")
+    totals = doc["totals"]
+    assert 0 <= totals["data_wait_ms"] < totals["e2e_step_ms"]
+    assert sum(doc["stages"].values()) == pytest.approx(totals["e2e_step_ms"])
+
+
+def test_stages_suite_lines_up_loader_step_and_end_to_end(tmp_path):
+    jpegs = generate(tmp_path / "jpegs", images=32, classes=2, show_progress=False)
+    doc = run(tmp_path, "stages", "stages", "--backend", "torch", "--data", str(jpegs), "--sample-images", "4")
+    assert_required_fields(doc, "stages")
+    loader = ["read_decode", "augment", "collate", "h2d", "next_batch"]
+    assert list(doc["stages"]) == loader + STEP_STAGES + ["data_wait", "step_and_loop"]
+    assert {"loader_batch_ms", "step_ms", "step_ms_instrumented", "stage_sum_ms", "e2e_step_ms"} <= set(doc["totals"])
+    assert doc["loader_images_per_s"] > 0 and doc["step_images_per_s"] > 0
+
+
+def test_chart_from_several_result_files(step_run, tmp_path):
+    doc, tmp = step_run
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**doc, "results": [{**doc["results"][0], "images_per_s": 1.0}]}))
+    assert main(["chart", str(tmp / "step.json"), str(other), "--png", str(tmp_path / "compare.png")]) == 0
+    assert_valid_png(tmp_path / "compare.png")
+
+
+def test_an_impossible_configuration_is_one_line_error(tmp_path, capsys):
+    assert main(["step", *TINY, "--moco-k", "60"]) == 2
+    assert "is not a multiple" in capsys.readouterr().err
