@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from pipeline.errors import DataError
@@ -32,3 +34,10 @@ def to_step_layout(x: torch.Tensor, device: torch.device, dtype: torch.dtype) ->
     """An NCHW batch on `device` in `dtype` and channels_last: the layout the MoCo step consumes."""
     x = x.to(device, non_blocking=True)
     return x.to(dtype=dtype, memory_format=torch.channels_last)
+
+
+def default_workers() -> int:
+    """Loader workers/threads per rank: every core but one, shared among this node's ranks (torchrun sets
+    LOCAL_WORLD_SIZE), at most 16."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+    return max(1, min(16, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1))

@@ -22,7 +22,6 @@ Fashion-MNIST (arrays, not JPEG files) enters through `fn.external_source` in th
 from __future__ import annotations
 
 import itertools
-import os
 import sys
 
 import numpy as np
@@ -30,7 +29,7 @@ import torch
 from nvidia.dali import fn, math as dmath, pipeline_def, types
 
 from pipeline.augs import AugRecipe, get_recipe
-from pipeline.common import epoch_seed, epoch_shard, steps_per_epoch, to_step_layout
+from pipeline.common import default_workers, epoch_seed, epoch_shard, steps_per_epoch, to_step_layout
 from pipeline.datasets import FashionMNIST, resolve_dataset
 from pipeline.errors import DataError
 
@@ -338,12 +337,6 @@ def pipeline_device(device) -> torch.device:
     return device
 
 
-def default_threads() -> int:
-    """Every core but one, shared among this node's ranks (torchrun sets LOCAL_WORLD_SIZE)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
-    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1)
-
-
 def build(data, *, batch_size, image_size, device, aug="v2", rank=0, world_size=1, seed=0, dtype=torch.float32,
           decode="once", num_workers=None, prefetch_queue_depth=2, hw_decoder_load=0.65,
           device_memory_padding=16 << 20, host_memory_padding=8 << 20, verify=True):
@@ -360,5 +353,5 @@ def build(data, *, batch_size, image_size, device, aug="v2", rank=0, world_size=
                            host_memory_padding=host_memory_padding)
     return DaliLoader(dataset, get_recipe(aug), batch_size=batch_size, image_size=image_size,
                       device=pipeline_device(device), dtype=dtype, rank=rank, world_size=world_size, seed=seed,
-                      decode=decode, num_threads=num_workers or default_threads(),
+                      decode=decode, num_threads=num_workers or default_workers(),
                       prefetch_queue_depth=prefetch_queue_depth, decoder_options=decoder_options)

@@ -7,7 +7,6 @@ is reproducible whatever the worker count, and a resumed run sees exactly the vi
 
 from __future__ import annotations
 
-import os
 from typing import Iterator
 
 import torch
@@ -16,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 
 from pipeline.augs import AugRecipe, get_recipe
-from pipeline.common import epoch_seed, epoch_shard, steps_per_epoch, to_step_layout
+from pipeline.common import default_workers, epoch_seed, epoch_shard, steps_per_epoch, to_step_layout
 from pipeline.datasets import is_fashion_mnist, resolve_dataset
 
 
@@ -113,10 +112,6 @@ class TorchLoader:
                        labels.to(self.device, non_blocking=True))
         finally:  # also when the consumer stops early: the next iteration is the next epoch
             self.sampler.epoch += 1
-
-
-def default_workers() -> int:
-    return max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
 def build(data, *, batch_size, image_size, device, aug="v2", rank=0, world_size=1, seed=0,

@@ -142,3 +142,13 @@ def test_default_command_smoke(tmp_path):
     assert "kNN top-1" in result.stderr and "resnet_mini_cifar" in result.stderr
     metrics = rows(tmp_path)
     assert [r["epoch"] for r in metrics] == [0, 1] and metrics[1]["knn_top1"] is not None
+
+
+def test_imagenet_preset_is_the_moco_v2_paper_recipe():
+    cfg = parse_config(["--preset", "imagenet", "--data", "/imagenet"])
+    assert (cfg.model.arch, cfg.model.moco_dim, cfg.model.moco_k, cfg.model.moco_m, cfg.model.moco_t, cfg.model.mlp) == \
+        ("resnet50", 128, 65536, 0.999, 0.2, True)
+    assert (cfg.optim.lr, cfg.optim.batch_size, cfg.optim.momentum, cfg.optim.wd, cfg.optim.schedule) == \
+        (0.03, 256, 0.9, 1e-4, "cos")
+    assert (cfg.run.epochs, cfg.data.aug, cfg.data.image_size, cfg.model.bn_splits) == (200, "v2", 224, 8)
+    assert parse_config(["--preset", "imagenet", "--moco-k", "4096"]).model.moco_k == 4096  # flags win

@@ -1,0 +1,198 @@
+"""Host CPU-seconds per image: the FFCV loader's CPU half against the reference torch loader, same two views.
+
+    python -m benchmarks.ffcv_cpu_cost [--images 2000] [--epochs 3] [--threads 1 2] [--data DIR] [--json FILE]
+
+An ImageNet-like JPEG set (`benchmarks.imagenet_like`, or --data) is read at 224 px, batch 64, two views per
+image; each side's cost is this process's CPU time, threads included, over an epoch, divided by its images
+(median over --epochs epochs, after one warm-up epoch that also compiles FFCV's pipeline):
+
+  torch v2         the reference loader's host work: PIL decode, RandomResizedCrop, aug+ (jitter, grayscale,
+                   PIL blur), flip, ToTensor, Normalize, collate; in this process with one torch thread, as in
+                   a DataLoader worker (torch_loader's DataLoader, without its device copy)
+  torch crop+flip  the same with jitter, grayscale and blur off: the like-for-like figure for FFCV
+  ffcv ...         FFCV's half of the ffcv loader (`make_ffcv_loader`): a RandomResizedCrop decode per view,
+                   uint8 views into host memory; flip and the rest of aug+ run on the GPU
+                   (pipeline.gpu_augment) and are not host work. Measured on .betons at 256 px and at full
+                   resolution, each with 50% and 100% of the images JPEG-compressed (quality 90; the others
+                   raw pixels), with one FFCV thread and with one per core (threads that outnumber free cores
+                   spin and contend).
+  ... FFCV flip    the same with FFCV's RandomHorizontalFlip after the crop, as first planned: what moving the
+                   flip to the GPU saves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numba
+import numpy as np
+import torch
+from ffcv.loader import Loader, OrderOption
+from ffcv.transforms import RandomHorizontalFlip
+from PIL import Image
+from rich.console import Console
+from rich.table import Table
+
+from benchmarks import host
+from benchmarks.imagenet_like import generate
+from pipeline.augs import get_recipe
+from pipeline.ffcv_loader import (field_values, label_pipeline, make_ffcv_loader, read_beton, resolve_order,
+                                  view_pipeline)
+from pipeline.ffcv_writer import IMAGE_FIELD, LABEL_FIELD, write_beton
+from pipeline.torch_loader import build as build_torch_loader
+
+RESULTS = Path(__file__).parent / "results"
+IMAGE_SIZE, BATCH_SIZE = 224, 64
+# (name, --max-resolution, --compress-probability) of the .betons measured.
+BETONS = (("ffcv 256px, 50% JPEG", 256, 0.5), ("ffcv 256px, all JPEG", 256, 1.0),
+          ("ffcv full res, 50% JPEG", None, 0.5), ("ffcv full res, all JPEG", None, 1.0))
+
+
+@dataclasses.dataclass
+class Side:
+    name: str
+    stored: str
+    cpu_s_per_image: list[float]
+    images_per_s: list[float]
+
+    def summary(self) -> dict:
+        return {"side": self.name, "stored": self.stored,
+                "cpu_ms_per_image": statistics.median(self.cpu_s_per_image) * 1e3,
+                "cpu_ms_per_image_epochs": [s * 1e3 for s in self.cpu_s_per_image],
+                "images_per_s": statistics.median(self.images_per_s)}
+
+
+def measure_epochs(batches, epochs: int) -> tuple[list[float], list[float]]:
+    """CPU seconds per image and images per second of each epoch after a warm-up one; `batches()` is one epoch."""
+    cpu_per_image, per_s = [], []
+    for epoch in range(epochs + 1):
+        cpu0, t0 = host.cpu_seconds(), time.perf_counter()
+        images = sum(len(batch[0]) for batch in batches())
+        if epoch:
+            cpu_per_image.append((host.cpu_seconds() - cpu0) / images)
+            per_s.append(images / (time.perf_counter() - t0))
+    return cpu_per_image, per_s
+
+
+def torch_side(name: str, data: Path, aug, stored: str, epochs: int) -> Side:
+    loader = build_torch_loader(str(data), batch_size=BATCH_SIZE, image_size=IMAGE_SIZE, device="cpu", aug=aug,
+                                num_workers=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return Side(name, stored, *measure_epochs(lambda: iter(loader.loader), epochs))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def loader_with_ffcv_flip(beton: Path, threads: int):
+    """The loader first planned: FFCV's RandomHorizontalFlip after each view's crop, same order and cache."""
+    recipe, cpu = get_recipe("v2"), torch.device("cpu")
+    views = {output: view_pipeline(recipe, IMAGE_SIZE, cpu) for output in ("im_q", "im_k")}
+    for spec in views.values():
+        spec.transforms.insert(1, RandomHorizontalFlip(recipe.flip_prob))  # after the decoder
+    return Loader(str(beton), batch_size=BATCH_SIZE, num_workers=threads, os_cache=False,
+                  order=OrderOption.QUASI_RANDOM, seed=0, drop_last=True, batches_ahead=3,
+                  pipelines={LABEL_FIELD: label_pipeline(cpu), IMAGE_FIELD: None, **views})
+
+
+def ffcv_side(name: str, beton: Path, threads: int, epochs: int, ffcv_flip: bool = False) -> Side:
+    """FFCV's loader on `beton` with `threads` decoding threads, besides its batch thread and this one."""
+    reader = read_beton(beton)
+    images = field_values(reader, IMAGE_FIELD)
+    jpeg_share = float((images["mode"] == 0).mean())
+    stored = (f"{images['width'].mean():.0f}x{images['height'].mean():.0f} mean, {jpeg_share:.0%} JPEG q90, "
+              f"{beton.stat().st_size / 2**20:.0f} MiB")
+    if ffcv_flip:
+        loader, name = loader_with_ffcv_flip(beton, threads), name + " + FFCV flip"
+    else:
+        order, os_cache = resolve_order(None, None, 1)
+        loader = make_ffcv_loader(beton, batch_size=BATCH_SIZE, image_size=IMAGE_SIZE, device=torch.device("cpu"),
+                                  recipe=get_recipe("v2"), rank=0, world_size=1, seed=0, order=order,
+                                  os_cache=os_cache, num_workers=threads, batches_ahead=3)
+    return Side(f"{name}, {threads} thread{'s' * (threads > 1)}", stored,
+                *measure_epochs(lambda: iter(loader), epochs))
+
+
+def jpeg_folder_description(root: Path) -> str:
+    paths = sorted(root.rglob("*.jpg"))
+    sizes = np.array([Image.open(p).size for p in paths])
+    megabytes = sum(p.stat().st_size for p in paths) / 2**20
+    return (f"{len(paths)} JPEGs q90, {sizes[:, 0].mean():.0f}x{sizes[:, 1].mean():.0f} mean, "
+            f"{megabytes:.0f} MiB")
+
+
+def run(data: Path, work: Path, thread_counts: list[int], epochs: int) -> list[Side]:
+    stored = jpeg_folder_description(data)
+    crop_flip_only = dataclasses.replace(get_recipe("v2"), jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0)
+    sides = [torch_side("torch v2", data, "v2", stored, epochs),
+             torch_side("torch crop+flip", data, crop_flip_only, stored, epochs)]
+    for index, (name, max_resolution, compress_probability) in enumerate(BETONS):
+        beton = work / f"dataset_{index}.beton"
+        write_beton(str(data), beton, max_resolution=max_resolution, compress_probability=compress_probability)
+        sides += [ffcv_side(name, beton, threads, epochs) for threads in thread_counts]
+        if index == 0:  # the first .beton also as first planned, to show what the flip costs on the CPU
+            sides += [ffcv_side(name, beton, threads, epochs, ffcv_flip=True) for threads in thread_counts]
+        beton.unlink()
+    return sides
+
+
+def print_table(results: list[dict], console: Console) -> None:
+    table = Table(title=f"host CPU per image, two {IMAGE_SIZE} px views (median over epochs)")
+    for column in ("side", "stored", "CPU ms/image", "vs torch v2", "vs torch crop+flip", "images/s"):
+        table.add_column(column)
+    for r in results:
+        table.add_row(r["side"], r["stored"], f"{r['cpu_ms_per_image']:.2f}", f"{r['fraction_of_torch_v2']:.3f}",
+                      f"{r['fraction_of_torch_crop_flip']:.3f}", f"{r['images_per_s']:.0f}")
+    console.print(table)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=2000, help="JPEGs to generate (default 2000)")
+    parser.add_argument("--data", type=Path, default=None, help="an ImageFolder of JPEGs instead of generating one")
+    parser.add_argument("--epochs", type=int, default=3, help="measured epochs per side (default 3)")
+    parser.add_argument("--threads", type=int, nargs="+", default=None,
+                        help="FFCV thread counts to measure (default: 1 and all cores)")
+    parser.add_argument("--json", type=Path, default=RESULTS / "ffcv_cpu_cost.json")
+    args = parser.parse_args(argv)
+    thread_counts = args.threads or sorted({1, len(os.sched_getaffinity(0))})
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="ffcv_cpu_cost_") as tmp:
+        work = Path(tmp)
+        data = args.data or generate(work / "jpegs", args.images, seed=0, show_progress=True)
+        sides = run(data, work, thread_counts, args.epochs)
+    results = [side.summary() for side in sides]
+    reference = {r["side"]: r["cpu_ms_per_image"] for r in results}
+    for r in results:
+        r["fraction_of_torch_v2"] = r["cpu_ms_per_image"] / reference["torch v2"]
+        r["fraction_of_torch_crop_flip"] = r["cpu_ms_per_image"] / reference["torch crop+flip"]
+    print_table(results, Console())
+    doc = {
+        "benchmark": "ffcv_cpu_cost",
+        "command": "python -m benchmarks.ffcv_cpu_cost " + " ".join(sys.argv[1:] if argv is None else argv),
+        "device": host.device_name(torch.device("cpu")),
+        "versions": {**host.versions(), "numba": numba.__version__, "pillow": Image.__version__,
+                     "numba_threading_layer": numba.threading_layer()},
+        "settings": {"image_size": IMAGE_SIZE, "batch_size": BATCH_SIZE, "views_per_image": 2,
+                     "ffcv_threads": thread_counts, "torch_threads": 1, "measured_epochs": args.epochs,
+                     "statistic": "median over epochs of process CPU seconds (all threads) / images"},
+        "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
+        "target": "ffcv CPU per image <= 1/10 of torch v2",
+        "results": results,
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

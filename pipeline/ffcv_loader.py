@@ -1,0 +1,183 @@
+"""The FFCV backend: a `.beton` (see `pipeline.ffcv_writer`) in, two augmented views on the device out.
+
+FFCV's JIT-compiled CPU threads decode each image twice, once per view, with a random resized crop (the
+recipe's scale and ratio), and copy the uint8 views to the device; there `pipeline.gpu_augment` flips, jitters,
+grays, blurs and normalises both views in one batched pass. The flip is there rather than in FFCV because FFCV's
+RandomHorizontalFlip copies every image, flipped or not: about 40% of FFCV's CPU time at 256 px (0.68 against
+0.39 ms per image, benchmarks/results/ffcv_cpu_cost.json), against a negligible pass over uint8 pixels on the GPU.
+
+Sharding: FFCV's own `distributed=True` takes rank and world size from the torch.distributed process group,
+ignoring the ones given here, and pads the last shard with repeated samples (DistributedSampler with
+drop_last=False), so ranks overlap. Instead each rank reads its share of the per-epoch permutation every loader
+uses (`pipeline.common.epoch_shard`): disjoint shards from the explicit `rank` and `world_size`, no process
+group needed, and the same samples per rank and epoch as the reference loader.
+
+Options:
+  order       "random": that permutation; "quasi_random": FFCV's page-local shuffle, which reads far less
+              from disk when the file does not fit in RAM (one process only; needs os_cache=False).
+              Default: quasi_random for one process, random when distributed.
+  os_cache    read through the OS page cache (shared by the ranks on a machine) rather than FFCV's own
+              process cache. Default: on for "random", off for "quasi_random".
+  num_workers FFCV decoding threads (default, as for DALI: every core but one, divided among the ranks on
+              this machine, LOCAL_WORLD_SIZE as torchrun sets it). FFCV also sets torch's thread count to it.
+  batches_ahead  batches prepared in advance (default 3).
+
+Randomness: crops are drawn inside FFCV's compiled code from numba's per-thread generators, which cannot be
+seeded, so unlike the torch loader's the views are not reproducible; flip, jitter, grayscale and blur are
+seeded from (seed, epoch, rank).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from ffcv.fields import IntField, RGBImageField
+from ffcv.fields.basics import IntDecoder
+from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
+from ffcv.loader import Loader, OrderOption
+from ffcv.pipeline import PipelineSpec
+from ffcv.reader import Reader
+from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
+from ffcv.traversal_order.base import TraversalOrder
+from ffcv.types import ALLOC_TABLE_TYPE
+
+from pipeline.augs import AugRecipe, get_recipe
+from pipeline.common import default_workers, epoch_seed, epoch_shard, steps_per_epoch
+from pipeline.errors import DataError
+from pipeline.ffcv_writer import IMAGE_FIELD, LABEL_FIELD
+from pipeline.gpu_augment import TwoViewAugment
+from pipeline.torch_loader import sample_seed
+
+ORDERS = ("random", "quasi_random")
+EXPECTED_FIELDS = {IMAGE_FIELD: RGBImageField, LABEL_FIELD: IntField}
+
+
+def read_beton(path: Path) -> Reader:
+    """The file's FFCV reader, or a one-line DataError for a missing, damaged or foreign file.
+
+    FFCV itself would fail later with an assertion, a numpy error, or an out-of-bounds read in compiled code.
+    """
+    if not path.is_file():
+        raise DataError(f"FFCV dataset {path} not found (write one with: python -m pipeline.ffcv_writer DATA {path})")
+    try:
+        reader = Reader(str(path))
+    except (AssertionError, ValueError, IndexError, KeyError, OSError) as e:
+        raise DataError(f"{path} is not a readable .beton file ({e or type(e).__name__})") from None
+    fields = {name: type(handler) for name, handler in reader.handlers.items()}
+    if fields != EXPECTED_FIELDS:
+        found = ", ".join(f"{name} ({kind.__name__})" for name, kind in fields.items())
+        raise DataError(f"{path} has fields {found}; expected {IMAGE_FIELD} (RGBImageField) and {LABEL_FIELD} "
+                        f"(IntField), as pipeline.ffcv_writer writes")
+    check_complete(reader, path)
+    return reader
+
+
+def check_complete(reader: Reader, path: Path) -> None:
+    """Every sample's metadata present and every image's bytes inside the file: what a truncated copy lacks."""
+    data_end, file_size = int(reader.header["alloc_table_ptr"]), path.stat().st_size
+    table = reader.alloc_table
+    whole = (len(reader.metadata) == reader.num_samples and data_end <= file_size
+             and (file_size - data_end) % ALLOC_TABLE_TYPE.itemsize == 0)
+    if whole:
+        image_ptrs = field_values(reader, IMAGE_FIELD)["data_ptr"]
+        whole = bool(np.all(table["ptr"] + table["size"] <= data_end) and np.isin(image_ptrs, table["ptr"]).all())
+    if not whole:
+        raise DataError(f"{path} is truncated or corrupt: its sample table does not match its size "
+                        f"({file_size} bytes); write it again")
+
+
+def field_values(reader: Reader, name: str) -> np.ndarray:
+    """One field's per-sample metadata (for IntField, the values themselves)."""
+    return reader.metadata[reader.metadata.dtype.names[reader.field_names.index(name)]]
+
+
+class ShardOrder(TraversalOrder):
+    """FFCV traversal order: this rank's share of the torch loader's permutation of epoch `epoch`."""
+
+    def __init__(self, loader: Loader, rank: int, world_size: int, seed: int):
+        super().__init__(loader)
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+
+    def sample_order(self, epoch: int) -> np.ndarray:
+        return self.indices[epoch_shard(len(self.indices), self.rank, self.world_size, self.seed, epoch).numpy()]
+
+
+def view_pipeline(recipe: AugRecipe, image_size: int, device: torch.device) -> PipelineSpec:
+    """One view, decoded and cropped on the CPU, then a uint8 channels_last NCHW batch on `device`."""
+    return PipelineSpec(IMAGE_FIELD, transforms=[
+        RandomResizedCropRGBImageDecoder((image_size, image_size), scale=recipe.crop_scale, ratio=recipe.crop_ratio),
+        ToTensor(),
+        ToDevice(device, non_blocking=True),
+        ToTorchImage(channels_last=True),
+    ])
+
+
+def label_pipeline(device: torch.device) -> list:
+    return [IntDecoder(), ToTensor(), Squeeze(), ToDevice(device, non_blocking=True)]
+
+
+def resolve_order(order: str | None, os_cache: bool | None, world_size: int) -> tuple[str, bool]:
+    """The order and cache to use, defaults filled in, impossible pairs refused."""
+    order = order or ("random" if world_size > 1 else "quasi_random")
+    if order not in ORDERS:
+        raise ValueError(f"unknown FFCV order {order!r}; choose one of: {', '.join(ORDERS)}")
+    os_cache = order == "random" if os_cache is None else os_cache
+    if order == "quasi_random" and (os_cache or world_size > 1):
+        raise ValueError("FFCV order 'quasi_random' needs os_cache=False and a single process (world_size=1)")
+    return order, os_cache
+
+
+class FFCVLoader:
+    """Iterates (im_q, im_k, labels) on the device; `set_epoch` picks the shuffle, else epochs advance."""
+
+    def __init__(self, loader: Loader, augment: TwoViewAugment, *, steps: int, rank: int, seed: int):
+        self.loader, self.augment = loader, augment
+        self.steps, self.rank, self.seed = steps, rank, seed
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.next_epoch = epoch
+
+    def __iter__(self):
+        self.augment.reseed(sample_seed(epoch_seed(self.seed, self.loader.next_epoch), self.rank))
+        for labels, im_q, im_k in self.loader:  # the file's fields first, then the extra views, in order
+            im_q, im_k = self.augment(im_q, im_k)
+            # FFCV reuses its output buffers a few batches later; the views are fresh tensors, labels need a copy.
+            yield im_q, im_k, labels.clone()
+
+
+def make_ffcv_loader(path: Path, *, batch_size: int, image_size: int, device: torch.device, recipe: AugRecipe,
+                     rank: int, world_size: int, seed: int, order: str, os_cache: bool, num_workers: int,
+                     batches_ahead: int) -> Loader:
+    """FFCV's half of the work: batches of (labels, im_q, im_k), uint8 cropped views, on `device`."""
+    loader = Loader(
+        str(path), batch_size=batch_size, num_workers=num_workers, os_cache=os_cache,
+        order=OrderOption.QUASI_RANDOM if order == "quasi_random" else OrderOption.SEQUENTIAL, seed=seed,
+        drop_last=True, batches_ahead=batches_ahead,
+        pipelines={LABEL_FIELD: label_pipeline(device), IMAGE_FIELD: None,
+                   **{view: view_pipeline(recipe, image_size, device) for view in ("im_q", "im_k")}},
+    )
+    if order == "random":
+        # ffcv 1.0.2 cannot take a TraversalOrder class as `order` (it tests isinstance on the class), so the
+        # sequential order it was built with is swapped for the sharded one here.
+        loader.traversal_order = ShardOrder(loader, rank, world_size, seed)
+        loader.first_traversal_order = loader.next_traversal_order()
+    return loader
+
+
+def build(data, *, batch_size, image_size, device, aug="v2", rank=0, world_size=1, seed=0,
+          dtype=torch.float32, order=None, os_cache=None, num_workers=None, batches_ahead=3):
+    path = Path(data)
+    reader = read_beton(path)
+    order, os_cache = resolve_order(order, os_cache, world_size)
+    steps = steps_per_epoch(int(reader.num_samples), batch_size, world_size)
+    recipe, device = get_recipe(aug), torch.device(device)
+    loader = make_ffcv_loader(path, batch_size=batch_size, image_size=image_size, device=device, recipe=recipe,
+                              rank=rank, world_size=world_size, seed=seed, order=order, os_cache=os_cache,
+                              num_workers=num_workers or default_workers(), batches_ahead=batches_ahead)
+    augment = TwoViewAugment(recipe, device=device, dtype=dtype)
+    return FFCVLoader(loader, augment, steps=steps, rank=rank, seed=seed)
