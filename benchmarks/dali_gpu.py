@@ -15,28 +15,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import resource
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import nvidia.dali
 import torch
 
+from benchmarks import host
 from benchmarks.imagenet_like import generate
 from pipeline import build_loader
 from pipeline.dali_loader import DECODE_STRATEGIES
 
 RESULTS = Path(__file__).parent / "results"
 DATA = Path(__file__).resolve().parents[1] / "data"
-
-
-def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)  # every thread of this process: DALI's workers included
-    return usage.ru_utime + usage.ru_stime
 
 
 def device_memory_used(device: torch.device) -> int:
@@ -60,7 +52,7 @@ def time_strategy(data: Path, decode: str, args, device: torch.device) -> dict:
     for _ in loader:
         synchronize(device)
     peak, first_batch = 0, []
-    wall, cpu = time.perf_counter(), cpu_seconds()
+    wall, cpu = time.perf_counter(), host.cpu_seconds()
     for _ in range(args.epochs):
         epoch_start = time.perf_counter()
         for step, _ in enumerate(loader):
@@ -68,7 +60,7 @@ def time_strategy(data: Path, decode: str, args, device: torch.device) -> dict:
             if step == 0:
                 first_batch.append(time.perf_counter() - epoch_start)
             peak = max(peak, device_memory_used(device) - baseline)
-    wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
+    wall, cpu = time.perf_counter() - wall, host.cpu_seconds() - cpu
     images = args.epochs * len(loader) * args.batch_size
     return {
         "images_per_s": images / wall, "views_per_s": 2 * images / wall,
@@ -76,15 +68,6 @@ def time_strategy(data: Path, decode: str, args, device: torch.device) -> dict:
         "gpu_memory_mib": peak / 2**20, "first_batch_s": statistics.mean(first_batch),
         "steps_per_epoch": len(loader), "timed_images": images, "wall_s": wall,
     }
-
-
-def device_description(device: torch.device) -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    models = [line.split(":", 1)[1].strip() for line in (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
-              if line.startswith("model name")]
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    host = f"{models[0] if models else platform.machine()}, {cores} cores"
-    return f"{torch.cuda.get_device_name(device)}; {host}" if device.type == "cuda" else host
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -118,9 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     result = {
         "benchmark": "dali_gpu",
         "command": "python -m benchmarks.dali_gpu " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "device": device_description(device),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "dali": nvidia.dali.__version__, "cuda": torch.version.cuda},
+        "device": host.device_name(device),
+        "versions": host.versions(),
         "data": str(data), "batch_size": args.batch_size, "image_size": args.image_size, "dtype": "bfloat16",
         "timed_epochs": args.epochs, "workers": args.workers, "hw_decoder_load": args.hw_decoder_load,
         "statistic": "whole timed epochs (per-epoch pipeline builds included)", "figures": figures,
