@@ -33,7 +33,7 @@ from pipeline.errors import DataError
 from pipeline.torch_loader import build_eval_loader
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError)
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 
 def build_model(cfg: TrainConfig, runtime: Runtime):
@@ -165,8 +165,9 @@ def train(cfg: TrainConfig) -> dict:
         if init_knn is not None:
             console.print(f"epoch 0 (random init): kNN top-1 {init_knn:.2f}%")
 
-    console.print(f"MoCo {cfg.model.arch} | loader {cfg.data.loader} | {runtime.device} x{runtime.world_size} | "
-                  f"{precision} | batch {cfg.optim.batch_size} | K {cfg.model.moco_k} | {len(loader)} steps/epoch")
+    if runtime.is_main:
+        console.print(f"MoCo {cfg.model.arch} | loader {cfg.data.loader} | {runtime.device} x{runtime.world_size} | "
+                      f"{precision} | batch {cfg.optim.batch_size} | K {cfg.model.moco_k} | {len(loader)} steps/epoch")
     skipped_before = 0
     with progress_bar(runtime.is_main) as progress:
         for epoch in range(start_epoch, cfg.run.epochs):

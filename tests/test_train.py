@@ -152,3 +152,16 @@ def test_imagenet_preset_is_the_moco_v2_paper_recipe():
         (0.03, 256, 0.9, 1e-4, "cos")
     assert (cfg.run.epochs, cfg.data.aug, cfg.data.image_size, cfg.model.bn_splits) == (200, "v2", 224, 8)
     assert parse_config(["--preset", "imagenet", "--moco-k", "4096"]).model.moco_k == 4096  # flags win
+
+
+def test_train_under_torchrun_with_two_gloo_processes(tmp_path):
+    args = ["--standalone", "--nproc_per_node", "2", str(ROOT / "train.py"), *TINY, "--epochs", "1",
+            "--out", str(tmp_path)]
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", *args], capture_output=True, text=True,
+                            cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "cpu x2" in result.stderr and result.stderr.count("steps/epoch") == 1  # rank 0 reports, once
+    metrics = rows(tmp_path)
+    assert [r["epoch"] for r in metrics] == [0, 1] and metrics[1]["loss"] > 0
+    ckpt = load_checkpoint(tmp_path / "checkpoint_last.pth.tar")
+    assert ckpt["state_dict"]["module.queue_ptr"].item() == (3 * 32) % 128  # 3 steps of the global batch
