@@ -60,12 +60,7 @@ def measure(cfg: TrainConfig, runtime: Runtime, precision: str, backend: str, op
         workers_rss = max(workers_rss, host.children_rss_mb())
     e2e_ms, wait_ms = timing.ms_per_iteration(windows), statistics.median(1e3 * w / opts.steps for w in waits)
     result = {
-        "backend": backend,
-        "images_per_s": timing.images_per_s(windows, cfg.optim.batch_size),
-        "cpu_s_per_image": timing.cpu_s_per_image(windows, workload.per_rank_batch(cfg, runtime)),
-        "peak_host_rss_mb": host.peak_rss_mb(),
-        "workers_rss_mb": workers_rss,
-        "peak_device_mb": host.device_peak_mb(device),
+        **workload.throughput_record(backend, windows, cfg, runtime, workers_rss),
         "stages": {"data_wait": wait_ms, "step_and_loop": e2e_ms - wait_ms},
         "stage_groups": {"end to end": ["data_wait", "step_and_loop"]},
         "totals": {"e2e_step_ms": e2e_ms, "data_wait_ms": wait_ms},

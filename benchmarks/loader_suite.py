@@ -30,12 +30,7 @@ def measure(cfg: TrainConfig, runtime: Runtime, precision: str, backend: str, op
         windows.append(timing.timed_window(device, next_batch, opts.steps))
         workers_rss = max(workers_rss, host.children_rss_mb())
     result = {
-        "backend": backend,
-        "images_per_s": timing.images_per_s(windows, cfg.optim.batch_size),
-        "cpu_s_per_image": timing.cpu_s_per_image(windows, workload.per_rank_batch(cfg, runtime)),
-        "peak_host_rss_mb": host.peak_rss_mb(),
-        "workers_rss_mb": workers_rss,
-        "peak_device_mb": host.device_peak_mb(device),
+        **workload.throughput_record(backend, windows, cfg, runtime, workers_rss),
         "stages": {"next_batch": timing.ms_per_iteration(windows)},
         "stage_groups": {"loader (wall)": ["next_batch"]},
         "notes": [loader_note(backend, cfg)],

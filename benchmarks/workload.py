@@ -11,6 +11,7 @@ import dataclasses
 import torch
 
 import train
+from benchmarks import host, timing
 from engine.config import ConfigError, TrainConfig, validate
 from engine.distributed import Runtime
 from engine.optim import build_optimizer
@@ -73,3 +74,15 @@ def moco_step(cfg: TrainConfig, runtime: Runtime, precision: str, opts: argparse
 def in_layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     """A loader batch as the step should get it (loaders hand over channels_last)."""
     return x if channels_last else x.contiguous()
+
+
+def throughput_record(backend: str, windows: list, cfg: TrainConfig, runtime: Runtime, workers_rss_mb: float) -> dict:
+    """The figures every throughput suite reports for a backend: images/s, host CPU per image, memory."""
+    return {
+        "backend": backend,
+        "images_per_s": timing.images_per_s(windows, cfg.optim.batch_size),
+        "cpu_s_per_image": timing.cpu_s_per_image(windows, per_rank_batch(cfg, runtime)),
+        "peak_host_rss_mb": host.peak_rss_mb(),
+        "workers_rss_mb": workers_rss_mb,
+        "peak_device_mb": host.device_peak_mb(runtime.device),
+    }
