@@ -203,12 +203,17 @@ def train(cfg: TrainConfig) -> dict:
     return {"rows": rows}
 
 
+def report_user_error(error: Exception) -> int:
+    """One line on stderr for a problem the user can fix; the exit status for it."""
+    print(f"error: {str(error).strip().splitlines()[-1]}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         train(parse_config(argv))
     except USER_ERRORS as e:
-        print(f"error: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
-        return 2
+        return report_user_error(e)
     return 0
 
 

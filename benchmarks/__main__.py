@@ -18,14 +18,11 @@ import sys
 import torch
 from rich.console import Console
 
+import train
 from benchmarks import chart, options, report
-from engine.checkpoint import CheckpointError
-from engine.config import ConfigError
 from engine.distributed import init_runtime, shutdown
 from engine.step import resolve_precision
-from pipeline.errors import DataError
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError)
 
 
 def run_suite(suite: str, opts, cfg, command: list[str], console: Console) -> None:
@@ -66,9 +63,8 @@ def main(argv: list[str] | None = None) -> int:
             chart.write_chart(records, opts.png)
         else:
             run_suite(opts.suite, opts, cfg, command, console)
-    except USER_ERRORS as e:
-        print(f"error: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
-        return 2
+    except train.USER_ERRORS as e:
+        return train.report_user_error(e)
     return 0
 
 
