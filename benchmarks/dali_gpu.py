@@ -14,7 +14,6 @@ Without `--data`, `--images` JPEGs are generated once under data/ (benchmarks.im
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import host
+from benchmarks import host, report
 from benchmarks.imagenet_like import generate
 from pipeline import build_loader
 from pipeline.dali_loader import DECODE_STRATEGIES
@@ -108,8 +107,7 @@ def main(argv: list[str] | None = None) -> None:
         "statistic": "whole timed epochs (per-epoch pipeline builds included)", "figures": figures,
     }
     out = args.out or RESULTS / f"dali_gpu_{device.type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    report.write_json(out, result)
     print(f"wrote {out}")
 
 

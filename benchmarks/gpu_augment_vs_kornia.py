@@ -12,7 +12,6 @@ and writes them as JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import host, timing
+from benchmarks import host, report, timing
 from pipeline.augs import AugRecipe, get_recipe
 from pipeline.gpu_augment import BLUR_TRUNCATE, TwoViewAugment
 
@@ -109,8 +108,7 @@ def main(argv: list[str] | None = None) -> None:
                       "the selected samples only (boolean indexing, a host sync per op)"),
     }
     out = args.out or RESULTS / f"gpu_augment_vs_kornia_{device.type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    report.write_json(out, result)
     print(f"wrote {out}")
 
 
