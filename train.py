@@ -139,7 +139,7 @@ def train(cfg: TrainConfig) -> dict:
     knn_monitor = build_knn_monitor(cfg, runtime, amp_dtype)
     moco, model = build_model(cfg, runtime)
     optimizer = build_optimizer(cfg.optim, moco.parameters())
-    step = MocoStep(model, optimizer, precision, runtime.device)
+    step = MocoStep(model, optimizer, precision, runtime.device, cfg.model.fused_loss)
 
     out = Path(cfg.run.out)
     metrics_path = out / "metrics.jsonl"

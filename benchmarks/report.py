@@ -54,7 +54,9 @@ def label(record: dict) -> str:
     """A short name for a run: suite, backend, size, precision, and where it departs from train.py's settings."""
     c = record["config"]
     departures = (("no-channels-last", not c["channels_last"]), ("compile", c["compile"]),
-                  ("foreach-sgd", not c["fused_sgd"]), ("cudnn-benchmark", c["cudnn_benchmark"]))
+                  ("foreach-sgd", not c["fused_sgd"]), ("cudnn-benchmark", c["cudnn_benchmark"]),
+                  # results written before the fused loss existed used the concatenated logits
+                  ("concat-logits-loss", record["suite"] != "loader" and not c.get("fused_loss", False)))
     model = "" if record["suite"] == "loader" else f" {c['arch']}"
     return " ".join([f"{record['suite']}:{record['backend']}{model} b{c['batch_size']} {c['image_size']}px",
                      c["precision"], *(name for name, departs in departures if departs)])

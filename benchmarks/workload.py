@@ -68,7 +68,7 @@ def moco_step(cfg: TrainConfig, runtime: Runtime, precision: str, opts: argparse
         optimizer = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.wd, foreach=True)
     else:
         optimizer = build_optimizer(cfg.optim, moco.parameters())
-    return moco, MocoStep(model, optimizer, precision, runtime.device)
+    return moco, MocoStep(model, optimizer, precision, runtime.device, cfg.model.fused_loss)
 
 
 def in_layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:

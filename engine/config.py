@@ -44,6 +44,7 @@ class ModelConfig:
     mlp: bool = _opt(True, "2-layer MLP projection head (MoCo v2)")
     shuffle: str = _opt("auto", "Shuffle BN: ddp | split (one device emulates --bn-splits GPUs) | none | auto")
     bn_splits: int = _opt(4, "BN sub-batches per device in split mode (emulated GPUs)")
+    fused_loss: bool = _opt(True, "InfoNCE without materialising the N x (1+K) logits (model/infonce.py)")
 
 
 @dataclass

@@ -21,17 +21,18 @@ class MocoStep:
     """Runs a step and counts, on the device, the steps whose loss was not finite (fp16 overflow): the
     GradScaler skips their update, and the trainer logs the count once per epoch."""
 
-    def __init__(self, model, optimizer, precision: str, device: torch.device, stage=no_stage):
+    def __init__(self, model, optimizer, precision: str, device: torch.device, fused_loss: bool, stage=no_stage):
         self.model, self.optimizer, self.device, self.stage = model, optimizer, device, stage
+        self.fused_loss = fused_loss
         self.amp_dtype = AMP_DTYPES[precision]
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self.nonfinite_steps = torch.zeros((), dtype=torch.long, device=device)
 
     def __call__(self, im_q, im_k) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            logits, labels = self.model(im_q, im_k)
+            output = self.model(im_q, im_k, fused_loss=self.fused_loss)
         with self.stage("loss"):
-            loss = F.cross_entropy(logits, labels)
+            loss = output if self.fused_loss else F.cross_entropy(*output)
             self.nonfinite_steps += (~torch.isfinite(loss)).long()
         with self.stage("backward"):
             self.optimizer.zero_grad(set_to_none=True)

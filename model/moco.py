@@ -3,9 +3,11 @@
 The interface and state-dict keys are those of the official `moco/builder.py`, so code and checkpoints
 carry over. What differs is speed and reach:
   - the momentum update is one multi-tensor lerp over all parameters, not a loop of small kernels;
-  - the queue pointer lives on the host (the official `int(self.queue_ptr)` syncs every step);
-    the `queue_ptr` buffer is still written, without a sync, so checkpoints keep it;
+  - the queue pointer is never read on the host (the official `int(self.queue_ptr)` syncs every step):
+    the keys go in with an index_copy_ at device-side columns, which a CUDA graph can also replay;
   - logits and loss inputs are fp32 even when the encoders run in bf16/fp16;
+  - `forward(..., fused_loss=True)` returns the InfoNCE loss without building the N x (1+K) logits
+    (see infonce.py);
   - Shuffle BN works on one device too (`shuffle="split"`, see split_bn.py).
 """
 
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model import distributed
+from model.infonce import infonce_loss
 from model.split_bn import convert_to_split_bn
 
 SHUFFLE_MODES = ("ddp", "split", "none")
@@ -65,13 +68,7 @@ class MoCo(nn.Module):
 
         self.register_buffer("queue", F.normalize(torch.randn(dim, K), dim=0))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
-        self.ptr = 0
         self.stage = no_stage
-        self.register_load_state_dict_post_hook(lambda module, _: module._read_queue_ptr())
-
-    def _read_queue_ptr(self) -> None:
-        """After loading a checkpoint: the one time the pointer is read back from the device."""
-        self.ptr = int(self.queue_ptr)
 
     @torch.no_grad()
     def _momentum_update_key_encoder(self):
@@ -84,9 +81,9 @@ class MoCo(nn.Module):
         batch_size = keys.shape[0]
         if self.K % batch_size:
             raise ValueError(f"queue size K={self.K} is not a multiple of the global batch {batch_size}")
-        self.queue[:, self.ptr : self.ptr + batch_size] = keys.T
-        self.ptr = (self.ptr + batch_size) % self.K
-        self.queue_ptr.fill_(self.ptr)
+        columns = self.queue_ptr + torch.arange(batch_size, device=keys.device)  # K % batch == 0: no wrap
+        self.queue.index_copy_(1, columns, keys.T)
+        self.queue_ptr.add_(batch_size).remainder_(self.K)
 
     @torch.no_grad()
     def _batch_shuffle_ddp(self, x):
@@ -136,10 +133,11 @@ class MoCo(nn.Module):
         labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
         return logits, labels
 
-    def forward(self, im_q, im_k):
+    def forward(self, im_q, im_k, fused_loss=False):
         """
         im_q, im_k: two augmented views of the same images
-        returns logits (N x (1+K), fp32) and their targets (all zeros: the positive is column 0)
+        returns logits (N x (1+K), fp32) and their targets (all zeros: the positive is column 0);
+        with fused_loss, the mean InfoNCE loss itself (equal to cross_entropy(logits, targets))
         """
         with self.stage("query_forward"):
             q = F.normalize(self.encoder_q(im_q).float(), dim=1)
@@ -147,8 +145,12 @@ class MoCo(nn.Module):
             with self.stage("momentum_update"):
                 self._momentum_update_key_encoder()
             k = self._compute_keys(im_k)
-        with self.stage("logits"):
-            logits, labels = self._contrastive_logits(q, k)
+        if fused_loss:
+            with self.stage("loss"), torch.autocast(device_type=q.device.type, enabled=False):
+                output = infonce_loss(q, k, self.queue.clone(), self.T)
+        else:
+            with self.stage("logits"):
+                output = self._contrastive_logits(q, k)
         with self.stage("queue_update"):
             self._dequeue_and_enqueue(k)
-        return logits, labels
+        return output

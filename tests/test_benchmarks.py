@@ -13,8 +13,9 @@ from benchmarks.imagenet_like import generate
 # One thread: on a shared 2-core machine it is the steadiest setting (see --threads).
 TINY = ["--arch", "resnet_mini_cifar", "--batch-size", "16", "--image-size", "16", "--moco-k", "64",
         "--steps", "4", "--warmup", "1", "--repeats", "2", "--workers", "0", "--threads", "1"]
-STEP_STAGES = ["query_forward", "momentum_update", "shuffle", "key_forward", "unshuffle", "logits", "queue_update",
-               "loss", "backward", "optimizer"]
+# The fused loss (the default) computes the logits inside its "loss" stage, before the queue update.
+STEP_STAGES = ["query_forward", "momentum_update", "shuffle", "key_forward", "unshuffle", "loss", "queue_update",
+               "backward", "optimizer"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 

@@ -49,7 +49,7 @@ def _worker(rank, world_size, port, out_dir):
         dist.broadcast(buffer, src=0)
     keys_shuffled_bn = moco._compute_keys(x)
     keys_direct = F.normalize(moco.encoder_k(x), dim=1)
-    torch.save(dict(shuffle_mode=moco.shuffle, queue=moco.queue, ptr=moco.ptr, enqueued=enqueued, x=x,
+    torch.save(dict(shuffle_mode=moco.shuffle, queue=moco.queue, ptr=int(moco.queue_ptr), enqueued=enqueued, x=x,
                     shuffled=shuffled, round_trip=round_trip, keys_shuffled_bn=keys_shuffled_bn,
                     keys_direct=keys_direct), os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()

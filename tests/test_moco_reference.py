@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from model import MoCo, build_encoder
+from model.infonce import infonce_loss
 
 
 def algorithm1(f_q, f_k, queue, batches, m, t, lr):
@@ -33,8 +34,8 @@ def algorithm1(f_q, f_k, queue, batches, m, t, lr):
     return losses, f_k, torch.stack(queue, dim=1)
 
 
-@pytest.mark.parametrize("mlp", [False, True])
-def test_moco_matches_algorithm1(mlp):
+@pytest.mark.parametrize("mlp, fused_loss", [(False, False), (True, False), (True, True)])
+def test_moco_matches_algorithm1(mlp, fused_loss):
     torch.manual_seed(0)
     batch, K, m, t, lr = 8, 32, 0.9, 0.2, 0.5
     moco = MoCo(functools.partial(build_encoder, "resnet_mini_cifar"), dim=16, K=K, m=m, T=t, mlp=mlp, shuffle="none")
@@ -45,8 +46,10 @@ def test_moco_matches_algorithm1(mlp):
     optimizer = torch.optim.SGD(moco.encoder_q.parameters(), lr=lr)
     losses = []
     for x_q, x_k in batches:
-        logits, labels = moco(x_q, x_k)
-        loss = F.cross_entropy(logits, labels)
+        if fused_loss:
+            loss = moco(x_q, x_k, fused_loss=True)
+        else:
+            loss = F.cross_entropy(*moco(x_q, x_k))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -57,9 +60,35 @@ def test_moco_matches_algorithm1(mlp):
     assert losses == pytest.approx(ref_losses, rel=1e-5)
     for (name, p), p_ref in zip(moco.encoder_k.named_parameters(), ref_k.parameters()):
         torch.testing.assert_close(p, p_ref, rtol=1e-5, atol=1e-6, msg=name)
-    assert moco.ptr == (6 * batch) % K and int(moco.queue_ptr) == moco.ptr
-    oldest_first = torch.roll(moco.queue, -moco.ptr, dims=1)
+    ptr = int(moco.queue_ptr)
+    assert ptr == (6 * batch) % K
+    oldest_first = torch.roll(moco.queue, -ptr, dims=1)
     torch.testing.assert_close(oldest_first, ref_queue, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_infonce_equals_cross_entropy_over_concatenated_logits():
+    """Value and gradient, in float64, at the paper's temperature and a queue wider than the batch."""
+    torch.manual_seed(0)
+    n, c, K, t = 16, 32, 4096, 0.2
+    q = F.normalize(torch.randn(n, c, dtype=torch.float64), dim=1).requires_grad_()
+    k = F.normalize(torch.randn(n, c, dtype=torch.float64), dim=1)
+    queue = F.normalize(torch.randn(c, K, dtype=torch.float64), dim=0)
+    reference = F.cross_entropy(torch.cat([(q * k).sum(1, keepdim=True), q @ queue], dim=1) / t,
+                                torch.zeros(n, dtype=torch.long))
+    (grad_reference,) = torch.autograd.grad(reference, q)
+    fused = infonce_loss(q, k, queue, t)
+    (grad_fused,) = torch.autograd.grad(fused, q)
+    torch.testing.assert_close(fused, reference, rtol=1e-12, atol=0)
+    torch.testing.assert_close(grad_fused, grad_reference, rtol=1e-10, atol=1e-14)
+
+
+def test_fused_infonce_refuses_a_second_backward():
+    """The backward reuses its saved logits in place, so a retained graph must fail loudly, not silently."""
+    q = torch.randn(4, 8, requires_grad=True)
+    loss = infonce_loss(q, torch.randn(4, 8), torch.randn(8, 16), 0.2)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
 
 
 def test_logits_are_fp32_under_bf16_autocast():
@@ -88,5 +117,5 @@ def test_queue_pointer_survives_state_dict_round_trip():
     moco(torch.randn(8, 3, 8, 8), torch.randn(8, 3, 8, 8))
     restored = make()
     restored.load_state_dict(moco.state_dict())
-    assert restored.ptr == 8
+    assert int(restored.queue_ptr) == 8
     torch.testing.assert_close(restored.queue, moco.queue)

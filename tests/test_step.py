@@ -17,9 +17,15 @@ def make_moco():
     return MoCo(functools.partial(build_encoder, "resnet_mini_cifar"), dim=16, K=64, shuffle="split", bn_splits=2)
 
 
-def test_fp16_step_skips_a_nonfinite_loss_and_goes_on():
+def make_step(moco, precision, fused_loss):
+    return MocoStep(moco, build_optimizer(OptimConfig(lr=0.1), moco.parameters()), precision, torch.device("cpu"),
+                    fused_loss)
+
+
+@pytest.mark.parametrize("fused_loss", [False, True])
+def test_fp16_step_skips_a_nonfinite_loss_and_goes_on(fused_loss):
     moco = make_moco()
-    step = MocoStep(moco, build_optimizer(OptimConfig(lr=0.1), moco.parameters()), "fp16", torch.device("cpu"))
+    step = make_step(moco, "fp16", fused_loss)
     x = torch.randn(8, 3, 8, 8)
     step(x, x)
     scale = step.scaler.get_scale()
@@ -39,7 +45,7 @@ def test_bf16_step_tracks_the_fp32_step():
     losses = {}
     for precision in ("fp32", "bf16"):
         moco = make_moco()
-        step = MocoStep(moco, build_optimizer(OptimConfig(lr=0.1), moco.parameters()), precision, torch.device("cpu"))
+        step = make_step(moco, precision, fused_loss=False)
         torch.manual_seed(1)  # same shuffle-BN permutations
         losses[precision] = [float(step(x_q, x_k)) for _ in range(3)]
     assert all(math.isfinite(v) for v in losses["bf16"])
