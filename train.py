@@ -23,6 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, with_prefix, without_prefix
 from engine.config import ConfigError, TrainConfig, parse_config, to_dict, validate
+from engine.cuda_graph import GraphedStep
 from engine.distributed import Runtime, init_runtime, shutdown
 from engine.knn import extract_features, knn_top1
 from engine.optim import build_optimizer, learning_rate, set_learning_rate
@@ -51,6 +52,11 @@ def build_model(cfg: TrainConfig, runtime: Runtime):
     no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in ddp_init else {"broadcast_buffers": False}
     ddp = torch.nn.parallel.DistributedDataParallel(moco, device_ids=device_ids, **no_sync)
     return moco, ddp
+
+
+def build_step(cfg: TrainConfig, runtime: Runtime, model, optimizer, precision: str) -> MocoStep | GraphedStep:
+    step = MocoStep(model, optimizer, precision, runtime.device, cfg.model.fused_loss)
+    return GraphedStep(step, runtime.world_size) if cfg.run.cuda_graphs else step
 
 
 def build_knn_monitor(cfg: TrainConfig, runtime: Runtime, amp_dtype):
@@ -88,7 +94,8 @@ def progress_bar(enabled: bool) -> Progress:
     )
 
 
-def train_epoch(cfg: TrainConfig, runtime: Runtime, epoch: int, loader, step: MocoStep, progress: Progress):
+def train_epoch(cfg: TrainConfig, runtime: Runtime, epoch: int, loader, step: MocoStep | GraphedStep,
+                progress: Progress):
     """One pass over the loader; returns mean loss, images/s and the last lr. Reads the device only every
     --print-freq steps (for the progress bar) and once at the end."""
     steps = min(len(loader), cfg.run.max_steps or len(loader))
@@ -139,7 +146,7 @@ def train(cfg: TrainConfig) -> dict:
     knn_monitor = build_knn_monitor(cfg, runtime, amp_dtype)
     moco, model = build_model(cfg, runtime)
     optimizer = build_optimizer(cfg.optim, moco.parameters())
-    step = MocoStep(model, optimizer, precision, runtime.device, cfg.model.fused_loss)
+    step = build_step(cfg, runtime, model, optimizer, precision)
 
     out = Path(cfg.run.out)
     metrics_path = out / "metrics.jsonl"

@@ -1,6 +1,7 @@
 """The loader, model and step under test, built by train.py's own functions so that what is timed is what trains.
 
-The variants a benchmark may switch (channels_last, torch.compile, fused SGD) are applied on top, here only.
+The variants a benchmark may switch (channels_last, torch.compile, foreach SGD) are applied on top, here only;
+train.py's own variant flags (--precision, --fused-loss, --cuda-graphs, ...) come with the config.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from benchmarks import host, timing
 from engine.config import ConfigError, TrainConfig, validate
 from engine.distributed import Runtime
 from engine.optim import build_optimizer
-from engine.step import AMP_DTYPES, MocoStep
+from engine.step import AMP_DTYPES
 from pipeline import build_loader
 
 
@@ -68,7 +69,7 @@ def moco_step(cfg: TrainConfig, runtime: Runtime, precision: str, opts: argparse
         optimizer = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.wd, foreach=True)
     else:
         optimizer = build_optimizer(cfg.optim, moco.parameters())
-    return moco, MocoStep(model, optimizer, precision, runtime.device, cfg.model.fused_loss)
+    return moco, train.build_step(cfg, runtime, model, optimizer, precision)
 
 
 def in_layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:

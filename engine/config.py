@@ -64,6 +64,7 @@ class RunConfig:
     epochs: int = _opt(2, "number of pretraining epochs")
     precision: str = _opt("auto", "auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 (with GradScaler) | fp32")
     device: str = _opt("auto", "auto | cpu | cuda")
+    cuda_graphs: bool = _opt(False, "replay the whole step as one CUDA graph (one GPU, bf16/fp32, sgd)")
     out: str = _opt("runs/moco", "output directory: metrics.jsonl and checkpoints")
     resume: Optional[str] = _opt(None, "checkpoint to resume from (continues at its epoch)")
     seed: int = _opt(0, "seed for initialisation, shuffles and augmentation")

@@ -61,5 +61,9 @@ def learning_rate(cfg: OptimConfig, epoch_progress: float, epochs: int) -> float
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """A device-tensor lr (a CUDA-graphed step reads it) is filled in place, without a sync."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr

@@ -29,7 +29,9 @@ class MocoStep:
         self.nonfinite_steps = torch.zeros((), dtype=torch.long, device=device)
 
     def __call__(self, im_q, im_k) -> torch.Tensor:
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+        # No weight-cast cache: each weight is cast once per forward anyway, and a cache breaks CUDA graphs.
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None,
+                            cache_enabled=False):
             output = self.model(im_q, im_k, fused_loss=self.fused_loss)
         with self.stage("loss"):
             loss = output if self.fused_loss else F.cross_entropy(*output)

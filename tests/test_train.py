@@ -116,6 +116,11 @@ def test_unknown_loader_and_arch(tmp_path):
     assert_one_line_error(run_cli(TINY + ["--arch", "vgg11", "--out", str(tmp_path)]), "--arch", "vgg11")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only refusal; test_cuda_graph covers the GPU")
+def test_cuda_graphs_without_a_gpu(tmp_path):
+    assert_one_line_error(run_cli(TINY + ["--cuda-graphs", "--out", str(tmp_path)]), "--cuda-graphs", "CUDA device")
+
+
 def test_corrupt_checkpoint(tmp_path):
     bad = tmp_path / "checkpoint.pth.tar"
     bad.write_bytes(b"\x00garbage" * 100)

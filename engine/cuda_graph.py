@@ -1,0 +1,78 @@
+"""The whole MoCo step (both forwards, loss, backward, fused SGD, momentum and queue updates) as one CUDA graph.
+
+Eagerly, a ResNet-50 MoCo step is thousands of kernel launches issued by Python; replayed from a graph it is
+one launch, so neither the Python loop nor a loader sharing the process can leave the GPU idle. The step is
+capturable because it never syncs with the host: the queue pointer stays on the device, the shuffle's
+randperm uses graph-safe RNG, autocast keeps no weight-cast cache, and the learning rate lives in a device
+tensor that the fused SGD reads (`set_learning_rate` fills it). Inputs are copied into static buffers.
+
+Limits: one process (DDP's hooks are not captured here), bf16 or fp32 (fp16's GradScaler adjusts on the host),
+and the torch SGD optimizer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.config import ConfigError
+from engine.step import MocoStep
+
+
+def check_capturable(step: MocoStep, world_size: int) -> None:
+    """One-line reasons why this step cannot be replayed as a CUDA graph, before any work."""
+    if step.device.type != "cuda":
+        raise ConfigError("--cuda-graphs needs a CUDA device")
+    if world_size > 1:
+        raise ConfigError("--cuda-graphs is single-process only (DDP's gradient hooks are not captured)")
+    if step.scaler.is_enabled():
+        raise ConfigError("--cuda-graphs needs --precision bf16 or fp32: fp16's GradScaler adjusts on the host")
+    if type(step.optimizer) is not torch.optim.SGD:
+        raise ConfigError("--cuda-graphs needs --optimizer sgd (torch's fused SGD reads the lr from the device)")
+
+
+class GraphedStep:
+    """Runs the first step eagerly and captures the step after it; later calls replay. MocoStep's interface.
+
+    Capture needs a few eager warm-up steps (cuDNN/cuBLAS set-up); every model, buffer and optimizer tensor
+    is put back afterwards, in place, so the run trains exactly the steps it would train without graphs.
+    """
+
+    def __init__(self, step: MocoStep, world_size: int, warmup_steps: int = 3):
+        check_capturable(step, world_size)
+        self.step, self.warmup_steps = step, warmup_steps
+        self.optimizer, self.scaler, self.nonfinite_steps = step.optimizer, step.scaler, step.nonfinite_steps
+        self.graph = None
+
+    def _state_tensors(self) -> list[torch.Tensor]:
+        model, optimizer = self.step.model, self.step.optimizer
+        state = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+        return [*model.parameters(), *model.buffers(), *state, self.step.nonfinite_steps]
+
+    def _first_step_and_capture(self, im_q: torch.Tensor, im_k: torch.Tensor) -> torch.Tensor:
+        for group in self.optimizer.param_groups:
+            group["lr"] = torch.tensor(float(group["lr"]), device=self.step.device)
+        self.static_q, self.static_k = im_q.clone(), im_k.clone()
+        loss = self.step(im_q, im_k)  # a real step; it also creates the optimizer state the graph will use
+        snapshot = [t.clone() for t in self._state_tensors()]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup_steps):
+                self.step(self.static_q, self.static_k)
+        torch.cuda.current_stream().wait_stream(side)
+        self.optimizer.zero_grad(set_to_none=True)  # gradients are then allocated from the graph's pool
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.static_loss = self.step(self.static_q, self.static_k)
+        with torch.no_grad():
+            for tensor, saved in zip(self._state_tensors(), snapshot):
+                tensor.copy_(saved)
+        return loss
+
+    def __call__(self, im_q: torch.Tensor, im_k: torch.Tensor) -> torch.Tensor:
+        if self.graph is None:
+            return self._first_step_and_capture(im_q, im_k)
+        self.static_q.copy_(im_q)
+        self.static_k.copy_(im_k)
+        self.graph.replay()
+        return self.static_loss.clone()
