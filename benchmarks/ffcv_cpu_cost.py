@@ -10,14 +10,15 @@ image; each side's cost is this process's CPU time, threads included, over an ep
                    PIL blur), flip, ToTensor, Normalize, collate; in this process with one torch thread, as in
                    a DataLoader worker (torch_loader's DataLoader, without its device copy)
   torch crop+flip  the same with jitter, grayscale and blur off: the like-for-like figure for FFCV
-  ffcv ...         FFCV's half of the ffcv loader (`make_ffcv_loader`): a RandomResizedCrop decode per view,
+  ffcv ...         FFCV's half of the ffcv loader (`make_ffcv_loader`): JPEG decode and RandomResizedCrop,
+                   decoding once for both views (decode once, the default) or once per view (decode twice),
                    uint8 views into host memory; flip and the rest of aug+ run on the GPU
                    (pipeline.gpu_augment) and are not host work. Measured on .betons at 256 px and at full
                    resolution, each with 50% and 100% of the images JPEG-compressed (quality 90; the others
                    raw pixels), with one FFCV thread and with one per core (threads that outnumber free cores
                    spin and contend).
-  ... FFCV flip    the same with FFCV's RandomHorizontalFlip after the crop, as first planned: what moving the
-                   flip to the GPU saves.
+  ... FFCV flip    decode twice with FFCV's RandomHorizontalFlip after the crop, as first planned: what moving
+                   the flip to the GPU saves.
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ from rich.table import Table
 from benchmarks import host
 from benchmarks.imagenet_like import generate
 from pipeline.augs import get_recipe
-from pipeline.ffcv_loader import (field_values, label_pipeline, make_ffcv_loader, read_beton, resolve_order,
-                                  view_pipeline)
+from pipeline.ffcv_loader import (DECODES, field_values, label_pipeline, make_ffcv_loader, read_beton,
+                                  resolve_order, view_pipelines)
 from pipeline.ffcv_writer import IMAGE_FIELD, LABEL_FIELD, write_beton
 from pipeline.torch_loader import build as build_torch_loader
 
@@ -96,7 +97,7 @@ def torch_side(name: str, data: Path, aug, stored: str, epochs: int) -> Side:
 def loader_with_ffcv_flip(beton: Path, threads: int):
     """The loader first planned: FFCV's RandomHorizontalFlip after each view's crop, same order and cache."""
     recipe, cpu = get_recipe("v2"), torch.device("cpu")
-    views = {output: view_pipeline(recipe, IMAGE_SIZE, cpu) for output in ("im_q", "im_k")}
+    views = view_pipelines(recipe, IMAGE_SIZE, cpu, decode="twice")
     for spec in views.values():
         spec.transforms.insert(1, RandomHorizontalFlip(recipe.flip_prob))  # after the decoder
     return Loader(str(beton), batch_size=BATCH_SIZE, num_workers=threads, os_cache=False,
@@ -104,7 +105,8 @@ def loader_with_ffcv_flip(beton: Path, threads: int):
                   pipelines={LABEL_FIELD: label_pipeline(cpu), IMAGE_FIELD: None, **views})
 
 
-def ffcv_side(name: str, beton: Path, threads: int, epochs: int, ffcv_flip: bool = False) -> Side:
+def ffcv_side(name: str, beton: Path, threads: int, epochs: int, decode: str = "twice",
+              ffcv_flip: bool = False) -> Side:
     """FFCV's loader on `beton` with `threads` decoding threads, besides its batch thread and this one."""
     reader = read_beton(beton)
     images = field_values(reader, IMAGE_FIELD)
@@ -112,12 +114,13 @@ def ffcv_side(name: str, beton: Path, threads: int, epochs: int, ffcv_flip: bool
     stored = (f"{images['width'].mean():.0f}x{images['height'].mean():.0f} mean, {jpeg_share:.0%} JPEG q90, "
               f"{beton.stat().st_size / 2**20:.0f} MiB")
     if ffcv_flip:
-        loader, name = loader_with_ffcv_flip(beton, threads), name + " + FFCV flip"
+        loader, name = loader_with_ffcv_flip(beton, threads), name + ", decode twice + FFCV flip"
     else:
+        name += f", decode {decode}"
         order, os_cache = resolve_order(None, None, 1)
         loader = make_ffcv_loader(beton, batch_size=BATCH_SIZE, image_size=IMAGE_SIZE, device=torch.device("cpu"),
                                   recipe=get_recipe("v2"), rank=0, world_size=1, seed=0, order=order,
-                                  os_cache=os_cache, num_workers=threads, batches_ahead=3)
+                                  os_cache=os_cache, num_workers=threads, batches_ahead=3, decode=decode)
     return Side(f"{name}, {threads} thread{'s' * (threads > 1)}", stored,
                 *measure_epochs(lambda: iter(loader), epochs))
 
@@ -138,7 +141,7 @@ def run(data: Path, work: Path, thread_counts: list[int], epochs: int) -> list[S
     for index, (name, max_resolution, compress_probability) in enumerate(BETONS):
         beton = work / f"dataset_{index}.beton"
         write_beton(str(data), beton, max_resolution=max_resolution, compress_probability=compress_probability)
-        sides += [ffcv_side(name, beton, threads, epochs) for threads in thread_counts]
+        sides += [ffcv_side(name, beton, threads, epochs, decode) for decode in DECODES for threads in thread_counts]
         if index == 0:  # the first .beton also as first planned, to show what the flip costs on the CPU
             sides += [ffcv_side(name, beton, threads, epochs, ffcv_flip=True) for threads in thread_counts]
         beton.unlink()

@@ -1,10 +1,16 @@
 """The FFCV backend: a `.beton` (see `pipeline.ffcv_writer`) in, two augmented views on the device out.
 
-FFCV's JIT-compiled CPU threads decode each image twice, once per view, with a random resized crop (the
-recipe's scale and ratio), and copy the uint8 views to the device; there `pipeline.gpu_augment` flips, jitters,
-grays, blurs and normalises both views in one batched pass. The flip is there rather than in FFCV because FFCV's
-RandomHorizontalFlip copies every image, flipped or not: about 40% of FFCV's CPU time at 256 px (0.68 against
-0.39 ms per image, benchmarks/results/ffcv_cpu_cost.json), against a negligible pass over uint8 pixels on the GPU.
+FFCV's JIT-compiled CPU threads decode each image and take the two random resized crops (the recipe's scale
+and ratio), and copy the uint8 views to the device; there `pipeline.gpu_augment` flips, jitters, grays, blurs
+and normalises both views in one batched pass. Two decode strategies:
+  once   (default) `TwoViewCropDecoder`: one JPEG decode, two crops from it, both views in one (2, H, W, 3)
+         sample: 29-33% less host CPU than `twice` on all-JPEG .betons, 10-17% on half-raw ones
+         (benchmarks/results/ffcv_cpu_cost.json).
+  twice  FFCV's stock layout: two `PipelineSpec('image', ...)` views, each a RandomResizedCropRGBImageDecoder,
+         so each view decodes the image again.
+The flip is on the GPU rather than in FFCV because FFCV's RandomHorizontalFlip copies every image, flipped or
+not: about 45% of FFCV's CPU time at 256 px (0.72 against 0.39 ms per image, decoding twice), against a
+negligible pass over uint8 pixels on the GPU.
 
 Sharding: FFCV's own `distributed=True` takes rank and world size from the torch.distributed process group,
 ignoring the ones given here, and pads the last shard with repeated samples (DistributedSampler with
@@ -21,6 +27,7 @@ Options:
   num_workers FFCV decoding threads (default, as for DALI: every core but one, divided among the ranks on
               this machine, LOCAL_WORLD_SIZE as torchrun sets it). FFCV also sets torch's thread count to it.
   batches_ahead  batches prepared in advance (default 3).
+  decode      "once" (default) or "twice", above.
 
 Randomness: crops are drawn inside FFCV's compiled code from numba's per-thread generators, which cannot be
 seeded, so unlike the torch loader's the views are not reproducible; flip, jitter, grayscale and blur are
@@ -29,6 +36,7 @@ seeded from (seed, epoch, rank).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +45,11 @@ from ffcv.fields import IntField, RGBImageField
 from ffcv.fields.basics import IntDecoder
 from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
 from ffcv.loader import Loader, OrderOption
+from ffcv.fields.rgb_image import IMAGE_MODES
+from ffcv.libffcv import imdecode, resize_crop
 from ffcv.pipeline import PipelineSpec
+from ffcv.pipeline.allocation_query import AllocationQuery
+from ffcv.pipeline.compiler import Compiler
 from ffcv.reader import Reader
 from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
 from ffcv.traversal_order.base import TraversalOrder
@@ -51,6 +63,7 @@ from pipeline.gpu_augment import TwoViewAugment
 from pipeline.torch_loader import sample_seed
 
 ORDERS = ("random", "quasi_random")
+DECODES = ("once", "twice")
 EXPECTED_FIELDS = {IMAGE_FIELD: RGBImageField, LABEL_FIELD: IntField}
 
 
@@ -104,14 +117,56 @@ class ShardOrder(TraversalOrder):
         return self.indices[epoch_shard(len(self.indices), self.rank, self.world_size, self.seed, epoch).numpy()]
 
 
-def view_pipeline(recipe: AugRecipe, image_size: int, device: torch.device) -> PipelineSpec:
-    """One view, decoded and cropped on the CPU, then a uint8 channels_last NCHW batch on `device`."""
-    return PipelineSpec(IMAGE_FIELD, transforms=[
-        RandomResizedCropRGBImageDecoder((image_size, image_size), scale=recipe.crop_scale, ratio=recipe.crop_ratio),
+class TwoViewCropDecoder(RandomResizedCropRGBImageDecoder):
+    """FFCV's RandomResizedCropRGBImageDecoder, decoding once and cropping twice: samples are (2, H, W, 3)."""
+
+    def declare_state_and_memory(self, previous_state):
+        state, (_, decode_buffer) = super().declare_state_and_memory(previous_state)
+        shape = (2, *state.shape)
+        return replace(state, shape=shape), (AllocationQuery(shape, state.dtype), decode_buffer)
+
+    def generate_code(self):
+        """FFCV's decode loop (ffcv/fields/rgb_image.py, ResizedCropRGBImageDecoder) with a second crop."""
+        jpg = IMAGE_MODES["jpg"]
+        mem_read, my_range = self.memory_read, Compiler.get_iterator()
+        imdecode_c, resize_crop_c = Compiler.compile(imdecode), Compiler.compile(resize_crop)
+        get_crop_c = Compiler.compile(self.get_crop_generator)
+        scale, ratio = np.array(self.scale), np.array(self.ratio)
+
+        def decode(batch_indices, my_storage, metadata, storage_state):
+            destination, temp_storage = my_storage
+            for dst_ix in my_range(len(batch_indices)):
+                field = metadata[batch_indices[dst_ix]]
+                image_data = mem_read(field["data_ptr"], storage_state)
+                height, width = np.uint32(field["height"]), np.uint32(field["width"])
+                if field["mode"] == jpg:
+                    image = temp_storage[dst_ix]
+                    imdecode_c(image_data, image, height, width, height, width, 0, 0, 1, 1, False, False)
+                    image = image.reshape(-1)[: 3 * height * width].reshape(height, width, 3)
+                else:
+                    image = image_data.reshape(height, width, 3)
+                for view in range(2):
+                    i, j, h, w = get_crop_c(height, width, scale, ratio)
+                    resize_crop_c(image, i, i + h, j, j + w, destination[dst_ix, view])
+            return destination[: len(batch_indices)]
+
+        decode.is_parallel = True
+        return decode
+
+
+def view_pipelines(recipe: AugRecipe, image_size: int, device: torch.device, decode: str) -> dict[str, PipelineSpec]:
+    """The loader's image outputs: `views`, uint8 (B, 2, H, W, 3) on `device`, or `im_q` and `im_k`, uint8
+    channels_last NCHW batches on `device`, one decode each."""
+    size, crop = (image_size, image_size), dict(scale=recipe.crop_scale, ratio=recipe.crop_ratio)
+    if decode == "once":
+        return {"views": PipelineSpec(IMAGE_FIELD, transforms=[
+            TwoViewCropDecoder(size, **crop), ToTensor(), ToDevice(device, non_blocking=True)])}
+    return {view: PipelineSpec(IMAGE_FIELD, transforms=[
+        RandomResizedCropRGBImageDecoder(size, **crop),
         ToTensor(),
         ToDevice(device, non_blocking=True),
         ToTorchImage(channels_last=True),
-    ])
+    ]) for view in ("im_q", "im_k")}
 
 
 def label_pipeline(device: torch.device) -> list:
@@ -144,22 +199,24 @@ class FFCVLoader:
 
     def __iter__(self):
         self.augment.reseed(sample_seed(epoch_seed(self.seed, self.loader.next_epoch), self.rank))
-        for labels, im_q, im_k in self.loader:  # the file's fields first, then the extra views, in order
-            im_q, im_k = self.augment(im_q, im_k)
+        for labels, *views in self.loader:  # the file's fields first, then the extra outputs, in order
+            if len(views) == 1:  # decode once: (B, 2, H, W, 3) -> two NCHW views of it, no copy
+                views = views[0].permute(1, 0, 4, 2, 3).unbind(0)
+            im_q, im_k = self.augment(*views)
             # FFCV reuses its output buffers a few batches later; the views are fresh tensors, labels need a copy.
             yield im_q, im_k, labels.clone()
 
 
 def make_ffcv_loader(path: Path, *, batch_size: int, image_size: int, device: torch.device, recipe: AugRecipe,
                      rank: int, world_size: int, seed: int, order: str, os_cache: bool, num_workers: int,
-                     batches_ahead: int) -> Loader:
-    """FFCV's half of the work: batches of (labels, im_q, im_k), uint8 cropped views, on `device`."""
+                     batches_ahead: int, decode: str) -> Loader:
+    """FFCV's half of the work: batches of labels and uint8 cropped views (see `view_pipelines`) on `device`."""
     loader = Loader(
         str(path), batch_size=batch_size, num_workers=num_workers, os_cache=os_cache,
         order=OrderOption.QUASI_RANDOM if order == "quasi_random" else OrderOption.SEQUENTIAL, seed=seed,
         drop_last=True, batches_ahead=batches_ahead,
         pipelines={LABEL_FIELD: label_pipeline(device), IMAGE_FIELD: None,
-                   **{view: view_pipeline(recipe, image_size, device) for view in ("im_q", "im_k")}},
+                   **view_pipelines(recipe, image_size, device, decode)},
     )
     if order == "random":
         # ffcv 1.0.2 cannot take a TraversalOrder class as `order` (it tests isinstance on the class), so the
@@ -170,7 +227,9 @@ def make_ffcv_loader(path: Path, *, batch_size: int, image_size: int, device: to
 
 
 def build(data, *, batch_size, image_size, device, aug="v2", rank=0, world_size=1, seed=0,
-          dtype=torch.float32, order=None, os_cache=None, num_workers=None, batches_ahead=3):
+          dtype=torch.float32, order=None, os_cache=None, num_workers=None, batches_ahead=3, decode="once"):
+    if decode not in DECODES:
+        raise ValueError(f"unknown FFCV decode strategy {decode!r}; choose one of: {', '.join(DECODES)}")
     path = Path(data)
     reader = read_beton(path)
     order, os_cache = resolve_order(order, os_cache, world_size)
@@ -178,6 +237,7 @@ def build(data, *, batch_size, image_size, device, aug="v2", rank=0, world_size=
     recipe, device = get_recipe(aug), torch.device(device)
     loader = make_ffcv_loader(path, batch_size=batch_size, image_size=image_size, device=device, recipe=recipe,
                               rank=rank, world_size=world_size, seed=seed, order=order, os_cache=os_cache,
-                              num_workers=num_workers or default_workers(), batches_ahead=batches_ahead)
+                              num_workers=num_workers or default_workers(), batches_ahead=batches_ahead,
+                              decode=decode)
     augment = TwoViewAugment(recipe, device=device, dtype=dtype)
     return FFCVLoader(loader, augment, steps=steps, rank=rank, seed=seed)

@@ -10,7 +10,7 @@ stored raw otherwise: raw images cost no decoding when loading, JPEGs keep the f
 stored at its native 28x28; the loader's random crop resizes to the training size.
 
 The default 512 px keeps ImageNet's typical 500x375 images whole, so the crops are those of the original
-images. 256 px cuts the CPU cost of loading about fivefold (0.4 against 2.0 ms per image for two 224 px views,
+images. 256 px cuts the CPU cost of loading about fivefold (0.35 against 1.67 ms per image for two 224 px views,
 benchmarks/results/ffcv_cpu_cost.json) but leaves a 0.2-area crop about 110x85 px, upsampled twofold to 224.
 Progress is FFCV's own bar; the file's size and the images/s of the write are printed at the end.
 """

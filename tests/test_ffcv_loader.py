@@ -115,10 +115,10 @@ def collect(loader) -> Views:
                  torch.cat(labels).numpy())
 
 
-@pytest.fixture(scope="module")
-def ffcv_views(raw_beton) -> Views:
+@pytest.fixture(scope="module", params=["once", "twice"], ids=lambda decode: f"decode-{decode}")
+def ffcv_views(raw_beton, request) -> Views:
     loader = build_loader("ffcv", str(raw_beton), batch_size=BATCH, image_size=SIZE, device="cpu", aug=RECIPE,
-                          num_workers=2)
+                          num_workers=2, decode=request.param)
     return collect(loader)
 
 
@@ -221,6 +221,11 @@ def test_corrupt_file_is_a_data_error(raw_beton, tmp_path, damage):
         build_ffcv(path)
 
 
+def test_unknown_decode_strategy(raw_beton):
+    with pytest.raises(ValueError, match="decode strategy 'thrice'; choose one of: once, twice"):
+        build_loader("ffcv", str(raw_beton), batch_size=BATCH, image_size=SIZE, device="cpu", decode="thrice")
+
+
 @pytest.mark.parametrize("fields", [{"image": RGBImageField(), "target": IntField()},
                                     {"image": RGBImageField(), "label": FloatField()}])
 def test_wrong_fields_are_a_data_error(tmp_path, fields):
@@ -253,6 +258,9 @@ def test_contract_labels_and_view_pairs_match_their_image(ffcv_views):
     np.testing.assert_array_equal(labels[k_known], k_index[k_known] // PER_CLASS)
     both = q_known & k_known
     np.testing.assert_array_equal(q_index[both], k_index[both])  # the two views are of one image
+    # ...cropped independently: the crops' areas differ (equal only for two crops of scale 1, impossible here)
+    different = np.abs(crop_area_fraction(q[both]) - crop_area_fraction(k[both])) > 1e-3
+    assert different.mean() > 0.95
     for epoch in np.split(np.where(q_known, q_index, np.where(k_known, k_index, -1)), EPOCHS):
         seen = epoch[epoch >= 0]
         assert len(np.unique(seen)) == len(seen), "a sample came twice in one epoch"
