@@ -59,7 +59,8 @@ def add_measurement_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=count(1), default=None,
                         help="torch intra-op threads (default: torch's); 1 is steadier on a shared CPU")
     parser.add_argument("--check-syncs", action="store_true",
-                        help="run steps under torch.cuda.set_sync_debug_mode('error') (GPU only)")
+                        help="run steps under torch.cuda.set_sync_debug_mode('error') on a GPU; on the CPU, "
+                             "list the ops that would sync on one (item, nonzero, boolean masks, ...)")
     parser.add_argument("--trace", type=Path, metavar="DIR", help="write a torch.profiler Chrome trace here")
     parser.add_argument("--json", type=Path, metavar="FILE", help="write the results here")
     parser.add_argument("--png", type=Path, metavar="FILE", help="write a chart of the results here")

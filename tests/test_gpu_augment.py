@@ -15,6 +15,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from scipy import stats
 
+from benchmarks.diagnostics import HostReads
 from conftest import requires_cuda
 from pipeline.augs import get_recipe
 from pipeline.gpu_augment import (BLUR_TRUNCATE, BRIGHTNESS, CONTRAST, SATURATION, TwoViewAugment, adjust_hue,
@@ -195,6 +196,15 @@ def test_output_statistics_match_torchvision_random_transforms(aug):
     reference_statistics = summary_statistics(reference)
     for name, values in summary_statistics(ours).items():
         assert stats.ks_2samp(values, reference_statistics[name]).pvalue > 1e-3, name
+
+
+def test_reads_nothing_back_on_the_host():
+    """The CPU counterpart of the check below: no op that would make the host wait for a GPU."""
+    augment = TwoViewAugment("v2", device="cpu")
+    views = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    with HostReads() as reads:
+        augment(views, views)
+    assert reads.found == []
 
 
 @pytest.mark.gpu

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from benchmarks.diagnostics import HostReads
 from engine.config import OptimConfig
 from engine.optim import LARS, build_optimizer, learning_rate
 from engine.step import MocoStep, resolve_precision
@@ -50,6 +51,24 @@ def test_bf16_step_tracks_the_fp32_step():
         losses[precision] = [float(step(x_q, x_k)) for _ in range(3)]
     assert all(math.isfinite(v) for v in losses["bf16"])
     assert losses["bf16"][0] == pytest.approx(losses["fp32"][0], rel=2e-2)  # same weights, bf16 forward
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("fused_loss", [False, True])
+def test_step_reads_nothing_back_on_the_host(precision, fused_loss):
+    """Forward, loss, backward, GradScaler, fused SGD, momentum and queue updates dispatch no op that would
+    make the host wait for a GPU; the official queue-pointer read (`int(queue_ptr)`) is caught as one."""
+    moco = make_moco().to(memory_format=torch.channels_last)
+    step = make_step(moco, precision, fused_loss)
+    x = torch.randn(8, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    step(x, x)
+    with HostReads() as reads:
+        step(x, x)
+        step(x, x)
+    assert reads.found == []
+    with HostReads() as reads:
+        int(moco.queue_ptr)
+    assert reads.found == ["_local_scalar_dense"]
 
 
 def test_precision_auto():
