@@ -62,7 +62,8 @@ class GraphedStep:
         torch.cuda.current_stream().wait_stream(side)
         self.optimizer.zero_grad(set_to_none=True)  # gradients are then allocated from the graph's pool
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread_local: the loader's threads (DALI's prefetch, FFCV's copies, pin-memory) keep working meanwhile.
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.static_loss = self.step(self.static_q, self.static_k)
         with torch.no_grad():
             for tensor, saved in zip(self._state_tensors(), snapshot):

@@ -13,18 +13,26 @@ The default 512 px keeps ImageNet's typical 500x375 images whole, so the crops a
 images. 256 px cuts the CPU cost of loading about fivefold (0.35 against 1.67 ms per image for two 224 px views,
 benchmarks/results/ffcv_cpu_cost.json) but leaves a 0.2-area crop about 110x85 px, upsampled twofold to 224.
 Progress is FFCV's own bar; the file's size and the images/s of the write are printed at the end.
+
+FFCV's writer forks worker processes, then waits for their count of written samples: forever, if one of them
+dies (seen once in CI: two exited workers, the writer still sleeping in its progress loop). A watchdog thread
+therefore watches the workers; if all of them are gone and the writer still waits, it stops the wait, and the
+write is tried once more in fresh workers before it fails with a DataError. Never a hang.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import multiprocessing
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import psutil
 from ffcv.fields import IntField, RGBImageField
 from ffcv.writer import DatasetWriter
 
@@ -34,6 +42,7 @@ from pipeline.errors import DataError
 # Field names shared with pipeline.ffcv_loader, which checks a .beton has exactly these.
 IMAGE_FIELD, LABEL_FIELD = "image", "label"
 FASHION_MNIST_SIDE = 28
+WORKERS_GONE_GRACE_S = 60.0  # once its workers have exited, FFCV's writer only appends its sample table
 
 
 @dataclass(frozen=True)
@@ -84,19 +93,81 @@ def image_field(max_resolution: int | None, jpeg_quality: int, compress_probabil
                          compress_probability=compress_probability)
 
 
+class WorkersDied(Exception):
+    """Raised inside FFCV's wait loop by `WorkerWatchdog` when every writer worker has exited."""
+
+
+class WorkerWatchdog(threading.Thread):
+    """Watches the processes forked during a write (children with this process's command line); once all
+    have exited for WORKERS_GONE_GRACE_S while the writing thread still waits, raises WorkersDied in it."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.me, self.writer_thread = psutil.Process(), threading.get_ident()
+        self.before = {child.pid for child in self.me.children()}
+        self.done, self.fired = threading.Event(), False
+
+    def workers(self) -> tuple[int, int]:
+        """(live, exited) processes forked since the write began; an exited one is a zombie until reaped."""
+        command, live, exited = self.me.cmdline(), 0, 0
+        for child in self.me.children():
+            if child.pid in self.before:
+                continue
+            try:
+                if child.status() == psutil.STATUS_ZOMBIE:
+                    exited += 1
+                elif child.cmdline() == command:  # not the resource tracker, which runs another command
+                    live += 1
+            except psutil.Error:  # gone meanwhile
+                exited += 1
+        return live, exited
+
+    def run(self) -> None:
+        gone_since = None
+        while not self.done.wait(0.5):
+            live, exited = self.workers()
+            if live or not exited:
+                gone_since = None
+            elif gone_since is None:
+                gone_since = time.monotonic()
+            elif time.monotonic() - gone_since > WORKERS_GONE_GRACE_S:
+                self.fired = True
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self.writer_thread),
+                                                           ctypes.py_object(WorkersDied))
+                return
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join()
+        if self.fired:  # cancel the exception if the write finished before it was raised
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self.writer_thread), None)
+
+
 def write_beton(data: str, out: str | Path, *, split: str = "train", max_resolution: int | None = 512,
                 jpeg_quality: int = 90, compress_probability: float = 0.5, workers: int | None = None,
                 verify: bool = True) -> WriteReport:
-    """Write `data`'s `split` to `out`; a bad image leaves no partial file behind."""
+    """Write `data`'s `split` to `out`; a bad image, or writer workers that die twice, leave no partial file."""
     out = Path(out)
     if not out.parent.is_dir():
         raise DataError(f"output directory {out.parent} does not exist")
     dataset = resolve_dataset(data, split, FASHION_MNIST_SIDE, verify)
     fields = {IMAGE_FIELD: image_field(max_resolution, jpeg_quality, compress_probability), LABEL_FIELD: IntField()}
-    failures = multiprocessing.SimpleQueue()
-    writer = DatasetWriter(str(out), fields, num_workers=workers or os.cpu_count() or 1)
     start = time.perf_counter()
-    writer.from_indexed_dataset(FailureRecordingDataset(dataset, failures))
+    for attempt in (1, 2):
+        failures = multiprocessing.SimpleQueue()
+        watchdog = WorkerWatchdog()
+        watchdog.start()
+        try:
+            writer = DatasetWriter(str(out), fields, num_workers=workers or os.cpu_count() or 1)
+            writer.from_indexed_dataset(FailureRecordingDataset(dataset, failures))
+            break
+        except WorkersDied:
+            out.unlink(missing_ok=True)
+            if attempt == 2:
+                raise DataError(f"FFCV's writer workers died twice before writing every image (their errors are "
+                                f"above); no {out} written") from None
+        finally:
+            watchdog.stop()
     seconds = time.perf_counter() - start
     if not failures.empty():
         out.unlink()

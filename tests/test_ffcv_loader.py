@@ -10,6 +10,7 @@ channels equal). FFCV compiles its pipeline (about 10-20 s per loader), so the t
 from __future__ import annotations
 
 import gc
+import os
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,6 +31,7 @@ from pipeline.common import steps_per_epoch
 from pipeline.datasets import FASHION_MNIST_DIR, resolve_dataset
 from pipeline.errors import DataError
 from pipeline.ffcv_loader import field_values
+from pipeline import ffcv_writer
 from pipeline.ffcv_writer import IMAGE_FIELD, LABEL_FIELD, write_beton
 from pipeline.torch_loader import ShardSampler
 
@@ -197,6 +199,42 @@ def test_writer_refuses_an_unreadable_image_and_leaves_no_file(image_folder, tmp
     with pytest.raises(DataError, match="truncated.jpg"):
         write_beton(str(root), out, workers=2)
     assert not out.exists()
+
+
+class DyingDataset:
+    """Small images; the writer worker that reads sample 5 exits at once, the first `deaths` times."""
+
+    def __init__(self, marker_dir: Path, deaths: int):
+        self.marker_dir, self.deaths = marker_dir, deaths
+
+    def __len__(self) -> int:
+        return 40
+
+    def __getitem__(self, index: int):
+        if index == 5:
+            died = len(list(self.marker_dir.iterdir()))
+            if died < self.deaths:
+                (self.marker_dir / str(died)).touch()
+                os._exit(1)
+        return np.full((8, 8, 3), index, dtype=np.uint8), index % 4
+
+
+@pytest.mark.parametrize("deaths", [1, 2])
+def test_writer_survives_a_dead_worker_once_and_never_hangs(tmp_path, monkeypatch, deaths):
+    """FFCV's writer waits forever for a dead worker's samples; ours retries once, then fails in one line."""
+    markers = tmp_path / "deaths"
+    markers.mkdir()
+    monkeypatch.setattr(ffcv_writer, "resolve_dataset", lambda *args, **kwargs: DyingDataset(markers, deaths))
+    monkeypatch.setattr(ffcv_writer, "WORKERS_GONE_GRACE_S", 1.0)
+    out = tmp_path / "dying.beton"
+    if deaths == 2:
+        with pytest.raises(DataError, match="workers died twice"):
+            write_beton("unused", out, max_resolution=None, compress_probability=0.0, workers=2)
+        assert not out.exists()
+        return
+    report = write_beton("unused", out, max_resolution=None, compress_probability=0.0, workers=2)
+    assert report.images == 40 and len(list(markers.iterdir())) == 1
+    np.testing.assert_array_equal(np.sort(field_values(Reader(str(out)), LABEL_FIELD)), np.sort(np.arange(40) % 4))
 
 
 # --- bad .beton files ------------------------------------------------------------------------------------
