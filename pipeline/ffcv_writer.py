@@ -15,9 +15,9 @@ benchmarks/results/ffcv_cpu_cost.json) but leaves a 0.2-area crop about 110x85 p
 Progress is FFCV's own bar; the file's size and the images/s of the write are printed at the end.
 
 FFCV's writer forks worker processes, then waits for their count of written samples: forever, if one of them
-dies (seen once in this test suite: two exited workers, the writer still sleeping in its progress loop). A watchdog thread
-therefore watches the workers; if all of them are gone and the writer still waits, it stops the wait, and the
-write is tried once more in fresh workers before it fails with a DataError. Never a hang.
+dies (seen once in this test suite: two exited workers, the writer asleep in its progress loop). A watchdog
+thread therefore watches the workers; if all of them are gone and the writer still waits, it stops the wait,
+and the write is tried once more in fresh workers before it fails with a DataError.
 """
 
 from __future__ import annotations
