@@ -13,6 +13,8 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -34,6 +36,7 @@ from pipeline.errors import DataError
 from pipeline.torch_loader import build_eval_loader
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 console = Console(stderr=True, soft_wrap=True)
 
 
@@ -94,6 +97,27 @@ def progress_bar(enabled: bool) -> Progress:
     )
 
 
+class StopRequest:
+    """Ctrl-C or SIGTERM (a scheduler's stop) asks the run to stop; it does so after the current step, or,
+    between epochs, once the epoch's checkpoint is written, so a stop never costs a finished epoch.
+    A second signal stops at once."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __call__(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def check(self) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+
+
+stop_request = StopRequest()
+
+
 def train_epoch(cfg: TrainConfig, runtime: Runtime, epoch: int, loader, step: MocoStep | GraphedStep,
                 progress: Progress):
     """One pass over the loader; returns mean loss, images/s and the last lr. Reads the device only every
@@ -109,6 +133,7 @@ def train_epoch(cfg: TrainConfig, runtime: Runtime, epoch: int, loader, step: Mo
         set_learning_rate(step.optimizer, lr)
         loss = step(im_q, im_k)
         loss_sum += loss
+        stop_request.check()
         if (i + 1) % cfg.run.print_freq == 0 or i + 1 == steps:
             img_s = (i + 1) * cfg.optim.batch_size / (time.perf_counter() - start)
             progress.update(task, completed=i + 1, loss=float(loss), img_s=img_s, lr=lr)
@@ -178,6 +203,7 @@ def train(cfg: TrainConfig) -> dict:
     skipped_before = 0
     with progress_bar(runtime.is_main) as progress:
         for epoch in range(start_epoch, cfg.run.epochs):
+            stop_request.check()  # after the last epoch's checkpoint
             # Every random draw of the epoch (shuffle-BN permutations) follows from (seed, epoch, rank),
             # so a resumed run continues exactly as an uninterrupted one.
             torch.manual_seed(cfg.run.seed * 100_003 + epoch * 1009 + runtime.rank)
@@ -216,11 +242,36 @@ def report_user_error(error: Exception) -> int:
     return 2
 
 
-def main(argv: list[str] | None = None) -> int:
+def report_interrupt(cfg: TrainConfig | None) -> int:
+    """One line on where to pick up after Ctrl-C or SIGTERM: checkpoints are written at the end of each epoch."""
+    if os.environ.get("RANK", "0") != "0":
+        return 130
+    last = Path(cfg.run.out) / "checkpoint_last.pth.tar" if cfg else None
     try:
-        train(parse_config(argv))
+        epoch = load_checkpoint(last)["epoch"] if last else None
+    except CheckpointError:
+        epoch = None
+    if epoch is None:
+        print("interrupted before the first epoch ended: no checkpoint was written", file=sys.stderr)
+    else:
+        print(f"interrupted: {last} holds epoch {epoch}; continue with --resume {last}", file=sys.stderr)
+    return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = None
+    stop_request.requested = False
+    previous = {sig: signal.signal(sig, stop_request) for sig in STOP_SIGNALS}
+    try:
+        cfg = parse_config(argv)
+        train(cfg)
     except USER_ERRORS as e:
         return report_user_error(e)
+    except KeyboardInterrupt:
+        return report_interrupt(cfg)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0
 
 

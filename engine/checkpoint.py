@@ -21,13 +21,18 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
+    """Written to a temporary file, then renamed: an interrupted save leaves the previous checkpoint whole."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load_checkpoint(path) -> dict:

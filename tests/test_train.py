@@ -1,6 +1,7 @@
 """train.py end to end on tiny Fashion-MNIST runs: metrics, checkpoints, exact resume, and bad input."""
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -119,6 +120,24 @@ def test_unknown_loader_and_arch(tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only refusal; test_cuda_graph covers the GPU")
 def test_cuda_graphs_without_a_gpu(tmp_path):
     assert_one_line_error(run_cli(TINY + ["--cuda-graphs", "--out", str(tmp_path)]), "--cuda-graphs", "CUDA device")
+
+
+def test_sigterm_says_which_checkpoint_to_resume_from(tmp_path):
+    """SIGTERM right after an epoch's line: that epoch's checkpoint is still written, then one line says so."""
+    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *TINY, "--epochs", "50", "--out",
+                                str(tmp_path)], cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    lines = []
+    for line in process.stderr:
+        lines.append(line)
+        if line.startswith("epoch 1:"):  # the end of epoch 1: its checkpoint is written
+            process.send_signal(signal.SIGTERM)
+            break
+    rest = process.communicate(timeout=120)[1].strip().splitlines()
+    assert process.returncode == 130, "".join(lines) + "\n".join(rest)
+    last = tmp_path / "checkpoint_last.pth.tar"
+    epoch = load_checkpoint(str(last))["epoch"]
+    assert epoch >= 1 and rest[-1] == f"interrupted: {last} holds epoch {epoch}; continue with --resume {last}"
+    assert not list(tmp_path.glob("*.tmp"))
 
 
 def test_corrupt_checkpoint(tmp_path):
