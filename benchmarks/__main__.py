@@ -19,7 +19,7 @@ import torch
 from rich.console import Console
 
 import train
-from benchmarks import chart, options, report
+from benchmarks import chart, host, options, report
 from engine.distributed import init_runtime, shutdown
 from engine.step import resolve_precision
 
@@ -28,27 +28,26 @@ from engine.step import resolve_precision
 def run_suite(suite: str, opts, cfg, command: list[str], console: Console) -> None:
     """Runs one suite and reports it on rank 0. Process-wide settings are put back after, so that main() can
     run inside a test process."""
-    threads, cudnn_benchmark = torch.get_num_threads(), torch.backends.cudnn.benchmark
-    torch.set_num_threads(opts.threads or threads)
+    cudnn_benchmark = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = opts.cudnn_benchmark
-    runtime = init_runtime(cfg.run.device)
-    try:
-        precision = resolve_precision(cfg.run.precision, runtime.device)
-        module = importlib.import_module(f"benchmarks.{suite}_suite")
-        results = module.run(cfg, runtime, precision, opts)
-        if not runtime.is_main:
-            return
-        doc = report.document(report.header(suite, runtime, cfg, precision, opts, command), results)
-        for record in report.records(doc):
-            report.print_record(record, console)
-        if opts.json:
-            report.write_json(opts.json, doc)
-        if opts.png:
-            chart.write_chart(report.records(doc), opts.png)
-    finally:
-        shutdown()
-        torch.set_num_threads(threads)
-        torch.backends.cudnn.benchmark = cudnn_benchmark
+    with host.torch_threads(opts.threads):
+        runtime = init_runtime(cfg.run.device)
+        try:
+            precision = resolve_precision(cfg.run.precision, runtime.device)
+            module = importlib.import_module(f"benchmarks.{suite}_suite")
+            results = module.run(cfg, runtime, precision, opts)
+            if not runtime.is_main:
+                return
+            doc = report.document(report.header(suite, runtime, cfg, precision, opts, command), results)
+            for record in report.records(doc):
+                report.print_record(record, console)
+            if opts.json:
+                report.write_json(opts.json, doc)
+            if opts.png:
+                chart.write_chart(report.records(doc), opts.png)
+        finally:
+            shutdown()
+            torch.backends.cudnn.benchmark = cudnn_benchmark
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -86,12 +86,8 @@ def measure_epochs(batches, epochs: int) -> tuple[list[float], list[float]]:
 def torch_side(name: str, data: Path, aug, stored: str, epochs: int) -> Side:
     loader = build_torch_loader(str(data), batch_size=BATCH_SIZE, image_size=IMAGE_SIZE, device="cpu", aug=aug,
                                 num_workers=0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with host.torch_threads(1):  # as in a DataLoader worker
         return Side(name, stored, *measure_epochs(lambda: iter(loader.loader), epochs))
-    finally:
-        torch.set_num_threads(threads)
 
 
 def loader_with_ffcv_flip(beton: Path, threads: int):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import platform
 import resource
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
@@ -86,3 +87,15 @@ def reset_device_peak(device: torch.device) -> None:
 def device_peak_mb(device: torch.device) -> float | None:
     """Peak memory torch's allocator handed out (DALI's own pool is not in it); None on the CPU."""
     return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
+@contextmanager
+def torch_threads(count: int | None):
+    """torch's intra-op thread count set to `count` (unchanged if None) inside, put back after. One thread is
+    how a DataLoader worker runs torch ops, and the steadiest setting on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(count or threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

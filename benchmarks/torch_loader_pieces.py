@@ -11,11 +11,10 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from contextlib import contextmanager
 
 import torch
 
-from benchmarks import timing, workload
+from benchmarks import host, timing, workload
 from engine.config import TrainConfig
 from engine.distributed import Runtime
 from pipeline.augs import get_recipe
@@ -26,17 +25,6 @@ from pipeline.torch_loader import view_transform
 PIECES = ("read_decode", "augment", "collate", "h2d")
 
 
-@contextmanager
-def one_thread():
-    """DataLoader workers run torch ops single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def measure(cfg: TrainConfig, runtime: Runtime, precision: str, sample: int) -> dict[str, float]:
     """ms per batch of each piece, on one core; the copy is timed on a full batch, median of 5."""
     dataset = resolve_dataset(cfg.data.data, "train", cfg.data.image_size)
@@ -45,7 +33,7 @@ def measure(cfg: TrainConfig, runtime: Runtime, precision: str, sample: int) -> 
     indices = torch.randperm(len(dataset), generator=generator)[:sample].tolist()
     batch = workload.per_rank_batch(cfg, runtime)
     torch.manual_seed(cfg.run.seed)
-    with one_thread():
+    with host.torch_threads(1):  # as in a DataLoader worker
         start = time.perf_counter()
         images = [dataset.load(i) for i in indices]
         decoded = time.perf_counter()

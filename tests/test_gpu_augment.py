@@ -3,7 +3,6 @@ against torchvision's random transforms."""
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 
@@ -16,6 +15,7 @@ from PIL import Image
 from scipy import stats
 
 from benchmarks.diagnostics import HostReads
+from benchmarks.host import torch_threads
 from conftest import requires_cuda
 from pipeline.augs import get_recipe
 from pipeline.gpu_augment import (BLUR_TRUNCATE, BRIGHTNESS, CONTRAST, SATURATION, TwoViewAugment, adjust_hue,
@@ -150,17 +150,6 @@ def summary_statistics(views: torch.Tensor) -> dict[str, np.ndarray]:
     return {name: values.numpy().round(4) for name, values in statistics.items()}
 
 
-@contextlib.contextmanager
-def single_thread():
-    """For thousands of ops on tiny tensors, where starting torch's threads costs ten times the work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def torchvision_random_ops(recipe) -> T.Compose:
     """The reference loader's jitter, grayscale and blur as torchvision's own random transforms, on tensors.
 
@@ -188,7 +177,7 @@ def test_output_statistics_match_torchvision_random_transforms(aug):
     recipe = get_recipe(aug)
     torch.manual_seed(0)
     reference_ops = torchvision_random_ops(recipe)
-    with single_thread():
+    with torch_threads(1):  # thousands of ops on tiny tensors: starting threads would cost more
         reference = torch.stack([reference_ops(photo / 255.0) for _ in range(views)])
     batch = photo.expand(views // 2, 3, size, size)
     mean, std = torch.tensor(recipe.mean).view(3, 1, 1), torch.tensor(recipe.std).view(3, 1, 1)
