@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 import torchvision
 from torch import nn
-from torchvision.models.resnet import BasicBlock, conv1x1
+from torchvision.models.resnet import BasicBlock
 
 
 class NarrowResNet(torchvision.models.ResNet):
