@@ -43,9 +43,8 @@ import numpy as np
 import torch
 from ffcv.fields import IntField, RGBImageField
 from ffcv.fields.basics import IntDecoder
-from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
+from ffcv.fields.rgb_image import IMAGE_MODES, RandomResizedCropRGBImageDecoder
 from ffcv.loader import Loader, OrderOption
-from ffcv.fields.rgb_image import IMAGE_MODES
 from ffcv.libffcv import imdecode, resize_crop
 from ffcv.pipeline import PipelineSpec
 from ffcv.pipeline.allocation_query import AllocationQuery

@@ -104,19 +104,20 @@ class WorkerWatchdog(threading.Thread):
     def __init__(self):
         super().__init__(daemon=True)
         self.me, self.writer_thread = psutil.Process(), threading.get_ident()
+        self.command = self.me.cmdline()  # what a forked worker's command line is too
         self.before = {child.pid for child in self.me.children()}
         self.done, self.fired = threading.Event(), False
 
     def workers(self) -> tuple[int, int]:
         """(live, exited) processes forked since the write began; an exited one is a zombie until reaped."""
-        command, live, exited = self.me.cmdline(), 0, 0
+        live = exited = 0
         for child in self.me.children():
             if child.pid in self.before:
                 continue
             try:
                 if child.status() == psutil.STATUS_ZOMBIE:
                     exited += 1
-                elif child.cmdline() == command:  # not the resource tracker, which runs another command
+                elif child.cmdline() == self.command:  # not the resource tracker, which runs another command
                     live += 1
             except psutil.Error:  # gone meanwhile
                 exited += 1

@@ -5,12 +5,12 @@ import functools
 import pytest
 import torch
 
+from conftest import requires_cuda
 from engine.config import ConfigError, OptimConfig
 from engine.cuda_graph import GraphedStep
 from engine.optim import build_optimizer, set_learning_rate
 from engine.step import MocoStep
 from model import MoCo, build_encoder
-from tests.conftest import requires_cuda
 
 
 def make_step(device, precision="fp32", optimizer="sgd"):
