@@ -98,8 +98,8 @@ def progress_bar(enabled: bool) -> Progress:
 
 
 class StopRequest:
-    """Ctrl-C or SIGTERM (a scheduler's stop) asks the run to stop; it does so after the current step, or,
-    between epochs, once the epoch's checkpoint is written, so a stop never costs a finished epoch.
+    """Ctrl-C or SIGTERM (a scheduler's stop) asks a single-process run to stop; it does so after the current
+    step, or, between epochs, once the epoch's checkpoint is written, so a stop never costs a finished epoch.
     A second signal stops at once."""
 
     def __init__(self):
@@ -261,7 +261,10 @@ def report_interrupt(cfg: TrainConfig | None) -> int:
 def main(argv: list[str] | None = None) -> int:
     cfg = None
     stop_request.requested = False
-    previous = {sig: signal.signal(sig, stop_request) for sig in STOP_SIGNALS}
+    # Under torchrun, ranks would stop at different steps and leave the others waiting in a collective, so
+    # there the signals keep their default effect (Ctrl-C interrupts, SIGTERM ends the process).
+    single_process = int(os.environ.get("WORLD_SIZE", "1")) == 1
+    previous = {sig: signal.signal(sig, stop_request) for sig in STOP_SIGNALS} if single_process else {}
     try:
         cfg = parse_config(argv)
         train(cfg)
