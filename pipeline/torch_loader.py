@@ -7,6 +7,7 @@ is reproducible whatever the worker count, and a resumed run sees exactly the vi
 
 from __future__ import annotations
 
+import signal
 from typing import Iterator
 
 import torch
@@ -86,6 +87,14 @@ class TwoViewDataset(Dataset):
             return self.transform(img), self.transform(img), label
 
 
+def leave_stopping_to_the_main_process(worker_id: int) -> None:
+    """DataLoader workers ignore Ctrl-C and SIGTERM: a signal sent to the whole process group (a terminal, a
+    scheduler) reaches the trainer, which stops between steps and shuts them down; killed mid-batch they
+    would only turn its stop into a DataLoader error."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class TorchLoader:
     """Iterates (im_q, im_k, labels) on the device; `set_epoch` picks the shuffle, else epochs advance."""
 
@@ -96,7 +105,7 @@ class TorchLoader:
         self.loader = DataLoader(
             TwoViewDataset(dataset, transform), batch_size=batch_size, sampler=self.sampler, drop_last=True,
             num_workers=num_workers, pin_memory=self.device.type == "cuda", persistent_workers=num_workers > 0,
-            prefetch_factor=4 if num_workers > 0 else None,
+            prefetch_factor=4 if num_workers > 0 else None, worker_init_fn=leave_stopping_to_the_main_process,
         )
 
     def __len__(self) -> int:
@@ -148,7 +157,7 @@ def build_eval_loader(data, split, *, image_size, batch_size, device, dtype=torc
     workers = default_workers() if num_workers is None else num_workers
     device = torch.device(device)
     loader = DataLoader(EvalDataset(dataset, transform, indices), batch_size=batch_size, num_workers=workers,
-                        pin_memory=device.type == "cuda")
+                        pin_memory=device.type == "cuda", worker_init_fn=leave_stopping_to_the_main_process)
 
     def batches():
         for images, labels in loader:

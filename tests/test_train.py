@@ -1,6 +1,7 @@
 """train.py end to end on tiny Fashion-MNIST runs: metrics, checkpoints, exact resume, and bad input."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -123,14 +124,16 @@ def test_cuda_graphs_without_a_gpu(tmp_path):
 
 
 def test_sigterm_says_which_checkpoint_to_resume_from(tmp_path):
-    """SIGTERM right after an epoch's line: that epoch's checkpoint is still written, then one line says so."""
-    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *TINY, "--epochs", "50", "--out",
-                                str(tmp_path)], cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    """SIGTERM to the whole process group (as a scheduler sends it; DataLoader workers included) right after an
+    epoch's line: that epoch's checkpoint is still written, then one line says so."""
+    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *TINY, "--workers", "1", "--epochs", "50",
+                                "--out", str(tmp_path)], cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                               text=True, start_new_session=True)
     lines = []
     for line in process.stderr:
         lines.append(line)
         if line.startswith("epoch 1:"):  # the end of epoch 1: its checkpoint is written
-            process.send_signal(signal.SIGTERM)
+            os.killpg(process.pid, signal.SIGTERM)
             break
     rest = process.communicate(timeout=120)[1].strip().splitlines()
     assert process.returncode == 130, "".join(lines) + "\n".join(rest)
