@@ -20,20 +20,18 @@ from rich.console import Console
 
 import train
 from benchmarks import chart, host, options, report
-from engine.distributed import init_runtime, shutdown
+from engine.distributed import init_runtime, pick_device, shutdown
 from engine.step import resolve_precision
-
 
 
 def run_suite(suite: str, opts, cfg, command: list[str], console: Console) -> None:
     """Runs one suite and reports it on rank 0. Process-wide settings are put back after, so that main() can
     run inside a test process."""
     cudnn_benchmark = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = opts.cudnn_benchmark
     with host.torch_threads(opts.threads):
-        runtime = init_runtime(cfg.run.device)
+        runtime = init_runtime(pick_device(cfg.run.device), cfg.run.dist_timeout_minutes)
         try:
-            precision = resolve_precision(cfg.run.precision, runtime.device)
+            precision = resolve_precision(cfg.step.precision, runtime.device)
             module = importlib.import_module(f"benchmarks.{suite}_suite")
             results = module.run(cfg, runtime, precision, opts)
             if not runtime.is_main:

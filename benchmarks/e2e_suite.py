@@ -1,5 +1,5 @@
-"""Loader plus step, run by train.py's own `train_epoch`: the images/s a training run gets, and how much of
-its time the host spends blocked waiting for the next batch.
+"""Loader plus step, run by the trainer itself (engine.trainer.Trainer.run_epoch): the images/s a training run
+gets, and how much of its time the host spends blocked waiting for the next batch.
 """
 
 from __future__ import annotations
@@ -7,47 +7,70 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import statistics
+import tempfile
 import time
 
 import torch
 
-import train
 from benchmarks import diagnostics, host, timing, workload
 from engine.config import TrainConfig
 from engine.distributed import Runtime
+from engine.trainer import Trainer, progress_bar
 from model.moco import no_stage
 
 
 class WaitTimedBatches:
-    """`steps` batches of a running loader, shaped like a loader for train_epoch; adds up the time blocked in next()."""
+    """`steps` batches of a running loader, shaped like a loader for the trainer; adds up the time blocked in
+    next()."""
 
-    def __init__(self, batches, steps: int, channels_last: bool):
-        self.batches, self.steps, self.channels_last = batches, steps, channels_last
+    def __init__(self, batches, steps: int):
+        self.batches, self.steps = batches, steps
         self.wait_s = 0.0
 
     def __len__(self) -> int:
         return self.steps
 
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        pass
+
     def __iter__(self):
         for _ in range(self.steps):
             start = time.perf_counter()
-            im_q, im_k, labels = next(self.batches)
+            batch = next(self.batches)
             self.wait_s += time.perf_counter() - start
-            yield workload.in_layout(im_q, self.channels_last), workload.in_layout(im_k, self.channels_last), labels
+            yield batch
+
+
+def benchmark_trainer(cfg: TrainConfig, out: str, batches: int) -> Trainer:
+    """A trainer for `cfg` that writes nothing worth keeping: no kNN monitor, no checkpoints, a scratch folder."""
+    run = dataclasses.replace(cfg.run, out=out, knn_every=0, checkpoint_minutes=0, checkpoint_steps=0, resume=None,
+                              max_steps=batches if cfg.data.loader == "synthetic" else None)
+    trainer = Trainer(dataclasses.replace(cfg, run=run))
+    trainer.build()
+    trainer.progress = progress_bar(False)
+    return trainer
 
 
 def measure(cfg: TrainConfig, runtime: Runtime, precision: str, backend: str, opts: argparse.Namespace) -> dict:
     cfg = workload.for_backend(cfg, backend, runtime)
     device = runtime.device
-    batches = workload.endless(workload.loader(cfg, runtime, precision, opts.warmup + opts.steps * opts.repeats))
-    moco, step = workload.moco_step(cfg, runtime, precision, opts)
+    with tempfile.TemporaryDirectory() as out:
+        trainer = benchmark_trainer(cfg, out, opts.warmup + opts.steps * opts.repeats)
+        try:
+            result = measure_trainer(trainer, cfg, runtime, backend, opts, device)
+        finally:
+            trainer.close()
+    return result
 
-    progress = train.progress_bar(False)
+
+def measure_trainer(trainer: Trainer, cfg: TrainConfig, runtime: Runtime, backend: str, opts, device) -> dict:
+    batches = workload.endless(trainer.loader)
 
     def epoch_of(steps: int) -> float:
-        """train_epoch over the next `steps` batches; returns the seconds it was blocked in next(loader)."""
-        feed = WaitTimedBatches(batches, steps, opts.channels_last)
-        train.train_epoch(cfg, runtime, 0, feed, step, progress)
+        """The trainer's epoch loop over the next `steps` batches; returns the seconds it was blocked in next()."""
+        trainer.loader = feed = WaitTimedBatches(batches, steps)
+        trainer.steps, trainer.step = steps, 0
+        trainer.run_epoch()
         return feed.wait_s
 
     host.reset_device_peak(device)
@@ -66,13 +89,14 @@ def measure(cfg: TrainConfig, runtime: Runtime, precision: str, backend: str, op
         "totals": {"e2e_step_ms": e2e_ms, "data_wait_ms": wait_ms},
         "data_wait_fraction": wait_ms / e2e_ms,
         "notes": ["data_wait: host time blocked in next(loader); on a GPU earlier steps may still be running then",
-                  "run by train.train_epoch: lr set every step, loss read back every --print-freq steps"],
+                  "run by the trainer's epoch loop: lr set every step, check-ins every --print-freq steps"],
     }
     if opts.trace:
-        moco.stage = step.stage = torch.profiler.record_function
+        eager = getattr(trainer.train_step, "step", trainer.train_step)
+        trainer.moco.stage = eager.stage = torch.profiler.record_function
         result["traces"] = [diagnostics.write_trace(lambda: epoch_of(min(opts.steps, 5)), device, 1, opts.trace,
                                                     f"e2e_{backend}_rank{runtime.rank}")]
-        moco.stage = step.stage = no_stage
+        trainer.moco.stage = eager.stage = no_stage
     return result
 
 

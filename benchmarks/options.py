@@ -24,8 +24,9 @@ SUITES = {
 
 TRAIN_FLAGS_NOTE = (
     "Model, data and optimiser flags are train.py's (python train.py --help), with its presets: e.g. --preset "
-    "imagenet, --arch, --batch-size, --image-size, --precision bf16|fp16|fp32, --moco-k, --data, --workers, "
-    "--optimizer, --shuffle, --bn-splits, --device."
+    "imagenet, --arch, --batch-size, --image-size, --moco-k, --data, --workers, --optimizer, --shuffle, "
+    "--bn-splits, --device, and the step's variants: --precision, --[no-]channels-last, --compile, "
+    "--cudnn-benchmark, --[no-]fused-sgd, --[no-]fused-loss, --cuda-graphs."
 )
 
 
@@ -47,13 +48,6 @@ def add_measurement_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=count(1), default=20, help="timed steps (batches) per repeat")
     parser.add_argument("--warmup", type=count(0), default=5, help="untimed steps first (compilation, worker start)")
     parser.add_argument("--repeats", type=count(1), default=3, help="timed windows; images/s is their median")
-    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                        help="encoders and inputs in channels_last (as train.py)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile both encoders")
-    parser.add_argument("--fused-sgd", action=argparse.BooleanOptionalAction, default=True,
-                        help="fused SGD kernel (as train.py); --no-fused-sgd uses the foreach one")
-    parser.add_argument("--cudnn-benchmark", action="store_true",
-                        help="let cuDNN time its convolution algorithms first (train.py does not)")
     parser.add_argument("--sample-images", type=count(1), default=64,
                         help="images timed piece by piece for the torch loader's read/decode, augment, H2D")
     parser.add_argument("--threads", type=count(1), default=None,

@@ -25,12 +25,12 @@ HEADER_FIELDS = ("suite", "device", "versions", "config", "command")
 
 def header(suite: str, runtime: Runtime, cfg: TrainConfig, precision: str, opts: argparse.Namespace,
            command: list[str]) -> dict:
-    config = {**dataclasses.asdict(cfg.data), **dataclasses.asdict(cfg.model), **dataclasses.asdict(cfg.optim)}
+    config = {**dataclasses.asdict(cfg.data), **dataclasses.asdict(cfg.model), **dataclasses.asdict(cfg.optim),
+              **dataclasses.asdict(cfg.step)}
     for key in ("loader", "knn_data"):  # the backend is per result; benchmarks run no kNN monitor
         config.pop(key)
     config.update(precision=precision, seed=cfg.run.seed, world_size=runtime.world_size, steps=opts.steps,
-                  warmup=opts.warmup, repeats=opts.repeats, channels_last=opts.channels_last, compile=opts.compile,
-                  fused_sgd=opts.fused_sgd, cudnn_benchmark=opts.cudnn_benchmark, threads=torch.get_num_threads())
+                  warmup=opts.warmup, repeats=opts.repeats, threads=torch.get_num_threads())
     return {"suite": suite, "device": host.device_name(runtime.device), "versions": host.versions(),
             "config": config, "command": command}
 

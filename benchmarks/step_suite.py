@@ -32,10 +32,9 @@ def set_stage(moco, step, stage) -> None:
 def measure(cfg: TrainConfig, runtime: Runtime, precision: str, opts: argparse.Namespace) -> dict:
     cfg = workload.for_backend(cfg, "synthetic", runtime)
     device = runtime.device
-    moco, step = workload.moco_step(cfg, runtime, precision, opts)
+    moco, step = workload.moco_step(cfg, runtime, precision)
     eager = step.step if isinstance(step, GraphedStep) else step  # a graph replay shows no stages
-    batches = [(workload.in_layout(q, opts.channels_last), workload.in_layout(k, opts.channels_last))
-               for q, k, _ in workload.loader(cfg, runtime, precision, batches=2)]
+    batches = [(q, k) for q, k, _ in workload.loader(cfg, runtime, precision, batches=2)]
     inputs = itertools.cycle(batches)
 
     def one_step():

@@ -1,7 +1,6 @@
-"""The loader, model and step under test, built by train.py's own functions so that what is timed is what trains.
-
-The variants a benchmark may switch (channels_last, torch.compile, foreach SGD) are applied on top, here only;
-train.py's own variant flags (--precision, --fused-loss, --cuda-graphs, ...) come with the config.
+"""The loader, model and step under test, built by the trainer's own functions so that what is timed is what
+trains. The step's variants (--precision, --no-channels-last, --compile, --no-fused-sgd, ...) come with the
+config, as they do for train.py.
 """
 
 from __future__ import annotations
@@ -11,19 +10,19 @@ import dataclasses
 
 import torch
 
-import train
 from benchmarks import host, timing
-from engine.config import ConfigError, TrainConfig, validate
+from engine.config import TrainConfig, validate
 from engine.distributed import Runtime
 from engine.optim import build_optimizer
 from engine.step import AMP_DTYPES
+from engine.trainer import build_model, build_step
 from pipeline import build_loader
 
 
 def for_backend(cfg: TrainConfig, backend: str, runtime: Runtime) -> TrainConfig:
     """`cfg` with `backend` as its loader, checked as train.py checks it."""
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, loader=backend))
-    validate(cfg, runtime.world_size)
+    validate(cfg, runtime.world_size, runtime.device.type)
     return cfg
 
 
@@ -53,28 +52,11 @@ def endless(loader):
         epoch += 1
 
 
-def moco_step(cfg: TrainConfig, runtime: Runtime, precision: str, opts: argparse.Namespace):
-    """train.py's model and MocoStep, with the benchmark's variants applied; returns (moco, step)."""
-    moco, model = train.build_model(cfg, runtime)
-    if not opts.channels_last:
-        if runtime.world_size > 1:
-            raise ConfigError("--no-channels-last is single-process only: DDP has already laid out its buckets")
-        moco.to(memory_format=torch.contiguous_format)
-    if opts.compile:
-        moco.encoder_q.compile()
-        moco.encoder_k.compile()
-    if cfg.optim.optimizer == "sgd" and not opts.fused_sgd:
-        o = cfg.optim
-        params = [p for p in moco.parameters() if p.requires_grad]
-        optimizer = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.wd, foreach=True)
-    else:
-        optimizer = build_optimizer(cfg.optim, moco.parameters())
-    return moco, train.build_step(cfg, runtime, model, optimizer, precision)
-
-
-def in_layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    """A loader batch as the step should get it (loaders hand over channels_last)."""
-    return x if channels_last else x.contiguous()
+def moco_step(cfg: TrainConfig, runtime: Runtime, precision: str):
+    """The trainer's model and step for `cfg`; returns (moco, step)."""
+    moco, model = build_model(cfg, runtime)
+    optimizer = build_optimizer(cfg.optim, moco.parameters())
+    return moco, build_step(cfg, runtime, model, optimizer, precision)
 
 
 def throughput_record(backend: str, windows: list, cfg: TrainConfig, runtime: Runtime, workers_rss_mb: float) -> dict:

@@ -7,27 +7,14 @@ randperm uses graph-safe RNG, autocast keeps no weight-cast cache, and the learn
 tensor that the fused SGD reads (`set_learning_rate` fills it). Inputs are copied into static buffers.
 
 Limits: one process (DDP's hooks are not captured here), bf16 or fp32 (fp16's GradScaler adjusts on the host),
-and the torch SGD optimizer.
+and the torch SGD optimizer; `engine.config.validate` refuses the rest before any work.
 """
 
 from __future__ import annotations
 
 import torch
 
-from engine.config import ConfigError
 from engine.step import MocoStep
-
-
-def check_capturable(step: MocoStep, world_size: int) -> None:
-    """One-line reasons why this step cannot be replayed as a CUDA graph, before any work."""
-    if step.device.type != "cuda":
-        raise ConfigError("--cuda-graphs needs a CUDA device")
-    if world_size > 1:
-        raise ConfigError("--cuda-graphs is single-process only (DDP's gradient hooks are not captured)")
-    if step.scaler.is_enabled():
-        raise ConfigError("--cuda-graphs needs --precision bf16 or fp32: fp16's GradScaler adjusts on the host")
-    if type(step.optimizer) is not torch.optim.SGD:
-        raise ConfigError("--cuda-graphs needs --optimizer sgd (torch's fused SGD reads the lr from the device)")
 
 
 class GraphedStep:
@@ -37,16 +24,18 @@ class GraphedStep:
     is put back afterwards, in place, so the run trains exactly the steps it would train without graphs.
     """
 
-    def __init__(self, step: MocoStep, world_size: int, warmup_steps: int = 3):
-        check_capturable(step, world_size)
+    def __init__(self, step: MocoStep, warmup_steps: int = 3):
         self.step, self.warmup_steps = step, warmup_steps
-        self.optimizer, self.scaler, self.nonfinite_steps = step.optimizer, step.scaler, step.nonfinite_steps
         self.graph = None
+
+    def __getattr__(self, name: str):
+        """optimizer, scaler, counters, model...: the eager step's."""
+        return getattr(self.step, name)
 
     def _state_tensors(self) -> list[torch.Tensor]:
         model, optimizer = self.step.model, self.step.optimizer
         state = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
-        return [*model.parameters(), *model.buffers(), *state, self.step.nonfinite_steps]
+        return [*model.parameters(), *model.buffers(), *state, *self.step.counters.tensors()]
 
     def _first_step_and_capture(self, im_q: torch.Tensor, im_k: torch.Tensor) -> torch.Tensor:
         for group in self.optimizer.param_groups:

@@ -1,12 +1,16 @@
-"""Process-group set-up under torchrun: NCCL on GPUs, gloo on CPUs; a plain process needs none."""
+"""Process-group set-up under torchrun (NCCL on GPUs, gloo on CPUs, an explicit timeout), and the few
+collectives the trainer itself needs. A plain process needs no process group."""
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from engine.config import ConfigError
 
 
 @dataclass(frozen=True)
@@ -20,22 +24,44 @@ class Runtime:
         return self.rank == 0
 
 
-def pick_device(preference: str, local_rank: int) -> torch.device:
+def pick_device(preference: str) -> torch.device:
     if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise ValueError("--device cuda was asked for, but no CUDA device is available")
+            raise ConfigError("--device cuda was asked for, but no CUDA device is available")
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
 
 
-def init_runtime(device_preference: str) -> Runtime:
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = pick_device(device_preference, local_rank)
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_runtime(device: torch.device, timeout_minutes: float = 30.0) -> Runtime:
+    """Joins the process group torchrun describes. The timeout is what a collective may wait for a slow rank
+    before it fails (rank 0's checkpoint write, a straggler), set here rather than left to each backend's."""
+    world_size = world_size_from_env()
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
     return Runtime(rank=int(os.environ.get("RANK", "0")), world_size=world_size, device=device)
+
+
+def max_over_ranks(values: torch.Tensor, runtime: Runtime) -> list:
+    """Each entry's largest value over the ranks, on the host: the one read the trainer's check-ins make."""
+    if runtime.world_size > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values.tolist()
+
+
+def gather_on_main(obj, runtime: Runtime) -> list | None:
+    """Every rank's `obj` in rank order on rank 0 (None elsewhere)."""
+    if runtime.world_size == 1:
+        return [obj]
+    gathered = [None] * runtime.world_size if runtime.is_main else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
 
 
 def shutdown() -> None:

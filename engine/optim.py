@@ -35,19 +35,40 @@ class LARS(torch.optim.Optimizer):
                 p.add_(mu, alpha=-group["lr"])
 
 
-def build_optimizer(cfg: OptimConfig, params) -> torch.optim.Optimizer:
-    params = [p for p in params if p.requires_grad]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd, fused=True)
-    if cfg.optimizer == "lars":
-        return LARS(params, lr=cfg.lr, weight_decay=cfg.wd, momentum=cfg.momentum)
-    if cfg.optimizer == "apex-sgd":
-        if importlib.util.find_spec("apex") is None:
-            raise ConfigError("--optimizer apex-sgd needs NVIDIA apex, which is not importable; use sgd (fused)")
-        from apex.optimizers import FusedSGD
+def _sgd(cfg: OptimConfig, params) -> torch.optim.Optimizer:
+    kernel = {"fused": True} if cfg.fused_sgd else {"foreach": True}
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd, **kernel)
 
-        return FusedSGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd)
-    raise ConfigError(f"unknown --optimizer {cfg.optimizer!r}")
+
+def _lars(cfg: OptimConfig, params) -> torch.optim.Optimizer:
+    return LARS(params, lr=cfg.lr, weight_decay=cfg.wd, momentum=cfg.momentum)
+
+
+def _apex_sgd(cfg: OptimConfig, params) -> torch.optim.Optimizer:
+    if importlib.util.find_spec("apex") is None:
+        raise ConfigError("--optimizer apex-sgd needs NVIDIA apex, which is not importable; use sgd (fused)")
+    from apex.optimizers import FusedSGD
+
+    return FusedSGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd)
+
+
+# --optimizer name -> builder(cfg, params)
+OPTIMIZERS = {"sgd": _sgd, "lars": _lars, "apex-sgd": _apex_sgd}
+SCHEDULES = ("cos", "step")
+
+
+def build_optimizer(cfg: OptimConfig, params) -> torch.optim.Optimizer:
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"unknown --optimizer {cfg.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
+    return OPTIMIZERS[cfg.optimizer](cfg, [p for p in params if p.requires_grad])
+
+
+def check_same_optimizer(saved: str, name: str) -> None:
+    """A checkpoint's optimizer state loads only into the optimizer that wrote it: another one's (an SGD state
+    resumed with LARS) would load without complaint and fail at the first step. Official checkpoints are SGD's."""
+    if saved != name:
+        raise ConfigError(f"the checkpoint's optimizer state is --optimizer {saved}'s, not {name}'s; resume with "
+                          f"--optimizer {saved}")
 
 
 def learning_rate(cfg: OptimConfig, epoch_progress: float, epochs: int) -> float:

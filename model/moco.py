@@ -69,6 +69,7 @@ class MoCo(nn.Module):
         self.register_buffer("queue", F.normalize(torch.randn(dim, K), dim=0))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
         self.stage = no_stage
+        self.memory_format = torch.channels_last  # of the key batch after the shuffle's gather
 
     @torch.no_grad()
     def _momentum_update_key_encoder(self):
@@ -81,7 +82,8 @@ class MoCo(nn.Module):
         batch_size = keys.shape[0]
         if self.K % batch_size:
             raise ValueError(f"queue size K={self.K} is not a multiple of the global batch {batch_size}")
-        columns = self.queue_ptr + torch.arange(batch_size, device=keys.device)  # K % batch == 0: no wrap
+        # Modulo K: a pointer left by a run with another batch size (a resumed checkpoint) wraps around the end.
+        columns = (self.queue_ptr + torch.arange(batch_size, device=keys.device)).remainder_(self.K)
         self.queue.index_copy_(1, columns, keys.T)
         self.queue_ptr.add_(batch_size).remainder_(self.K)
 
@@ -116,7 +118,7 @@ class MoCo(nn.Module):
             elif self.shuffle == "split":
                 im_k, idx_unshuffle = self._batch_shuffle_split(im_k)
         with self.stage("key_forward"):
-            k = F.normalize(self.encoder_k(im_k.contiguous(memory_format=torch.channels_last)).float(), dim=1)
+            k = F.normalize(self.encoder_k(im_k.contiguous(memory_format=self.memory_format)).float(), dim=1)
         with self.stage("unshuffle"):
             if self.shuffle == "ddp":
                 k = self._batch_unshuffle_ddp(k, idx_unshuffle)

@@ -3,7 +3,8 @@
 `build_loader(backend, data, ...)` is the one entry point. Every backend yields `(im_q, im_k, labels)`
 on `device`, normalised with the ImageNet mean/std, channels_last, in `dtype`; `len()` is the number
 of steps per epoch; each rank reads a disjoint shard; the last partial batch is dropped; the loader
-can be iterated once per epoch (`set_epoch(e)` fixes which epoch's shuffle comes next).
+can be iterated once per epoch (`set_epoch(e, start_step)` fixes which epoch, and from which step, comes next;
+`state_dict()` / `load_state_dict()` carry what an exact resumption needs: see `pipeline.common`).
 """
 
 from __future__ import annotations

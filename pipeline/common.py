@@ -1,4 +1,10 @@
-"""What every loader shares: sharding arithmetic, per-epoch seeds, and the hand-off to the MoCo step."""
+"""What every loader shares: sharding arithmetic, the one seed derivation, and the hand-off to the MoCo step.
+
+The loader contract for resumption: `set_epoch(epoch, start_step=0)` makes the next iteration yield that epoch's
+batches from `start_step` on, without reading or decoding the samples before it; `state_dict()` is what the
+loader needs beyond (epoch, step) to continue bit-exactly (DALI's random-number states; nothing for the others),
+taken after the last batch the consumer received, and `load_state_dict(state)` hands it to the next iteration.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,29 @@ import os
 import torch
 
 from pipeline.errors import DataError
+
+
+def derive_seed(seed: int, epoch: int, rank: int = -1, index: int = -1) -> int:
+    """The one way a seed is derived in this project: a well-mixed 63-bit seed for (run seed, epoch, rank, index).
+
+    rank -1 means "the same on every rank" (the epoch's shuffle, a sample's own augmentation); index -1 means
+    "the whole epoch" (a rank's generator for the epoch). Distinct inputs give independent streams.
+    """
+    state = 0
+    for word in (seed, epoch, rank + 1, index + 1):
+        state = _splitmix64(state ^ (word & _MASK64))
+    return state >> 1
+
+
+_MASK64 = 2**64 - 1
+
+
+def _splitmix64(x: int) -> int:
+    """SplitMix64's finaliser (Steele et al., 2014): every input bit affects every output bit."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
 
 
 def steps_per_epoch(num_samples: int, batch_size: int, world_size: int) -> int:
@@ -19,15 +48,16 @@ def steps_per_epoch(num_samples: int, batch_size: int, world_size: int) -> int:
     return steps
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    """The seed of one epoch's shuffle, the same on every rank so their shards stay disjoint."""
-    return (seed * 1_000_003 + epoch) % (2**63)
-
-
 def epoch_shard(num_samples: int, rank: int, world_size: int, seed: int, epoch: int) -> torch.Tensor:
     """This rank's disjoint, equal share of the epoch's permutation (the same permutation on every rank)."""
-    order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(epoch_seed(seed, epoch)))
+    order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(derive_seed(seed, epoch)))
     return order[: (num_samples // world_size) * world_size][rank::world_size]
+
+
+def check_start_step(start_step: int, steps: int) -> int:
+    if not 0 <= start_step < steps:
+        raise ValueError(f"start step {start_step} is outside the epoch's {steps} steps")
+    return start_step
 
 
 def to_step_layout(x: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

@@ -21,6 +21,7 @@ Fashion-MNIST (arrays, not JPEG files) enters through `fn.external_source` in th
 
 from __future__ import annotations
 
+import collections
 import itertools
 import sys
 
@@ -29,7 +30,8 @@ import torch
 from nvidia.dali import fn, math as dmath, pipeline_def, types
 
 from pipeline.augs import AugRecipe, get_recipe
-from pipeline.common import default_workers, epoch_seed, epoch_shard, steps_per_epoch, to_step_layout
+from pipeline.common import (check_start_step, default_workers, derive_seed, epoch_shard, steps_per_epoch,
+                             to_step_layout)
 from pipeline.datasets import FashionMNIST, resolve_dataset
 from pipeline.errors import DataError
 
@@ -248,12 +250,8 @@ def epoch_batches_shard(num_samples: int, batch_size: int, rank: int, world_size
     return epoch_shard(num_samples, rank, world_size, seed, epoch)[: steps * batch_size].numpy()
 
 
-def pipeline_seed(seed: int, epoch: int, rank: int) -> int:
-    return int(np.random.SeedSequence([epoch_seed(seed, epoch), rank]).generate_state(1)[0])
-
-
 def to_torch(tensor_list) -> torch.Tensor:
-    """Zero-copy: the dynamic executor's output buffers live as long as their DLPack consumer."""
+    """Zero-copy: the dynamic executor's output buffers live as long as their DLPack consumer (see `InFlight`)."""
     return torch.from_dlpack(tensor_list.as_tensor())
 
 
@@ -267,8 +265,37 @@ def unreadable_file(dataset, in_flight: np.ndarray) -> DataError | None:
     return None
 
 
+class InFlight:
+    """Keeps the zero-copy views of each batch alive until the device work queued after it has run.
+
+    The views share DALI's buffers, which DALI may refill once torch lets go of them. Python drops a batch when the
+    loop asks for the next one, but on a GPU the step that reads it may still be queued then, so each batch is held
+    with an event recorded on torch's stream at that moment and let go once the event has passed (`query`, no
+    wait). Only when more than `limit` batches are still unfinished does the host wait for the oldest: the GPU is
+    that far behind anyway. On the CPU every op has finished when it returns, so nothing is held.
+    """
+
+    def __init__(self, device: torch.device, limit: int = 8):
+        self.device, self.limit = device, limit
+        self.held: collections.deque = collections.deque()
+
+    def hold(self, batch: tuple) -> None:
+        if self.device.type != "cuda":
+            return
+        event = torch.cuda.Event()
+        event.record()
+        self.held.append((batch, event))
+        while self.held and (self.held[0][1].query() or len(self.held) > self.limit):
+            self.held.popleft()[1].synchronize()
+
+
 class DaliLoader:
-    """Iterates (im_q, im_k, labels) on the device; `set_epoch` picks the order and seeds, else epochs advance."""
+    """Iterates (im_q, im_k, labels) on the device; `set_epoch` picks the epoch and first step, else epochs advance.
+
+    Resumption: `state_dict()` is DALI's own pipeline checkpoint (reader position, every random generator) after the
+    last batch handed out; with it, `set_epoch(epoch, step)` continues bit-exactly. Without one, a start step still
+    reads exactly the samples after it, with fresh random draws.
+    """
 
     def __init__(self, dataset, recipe: AugRecipe, *, batch_size, image_size, device, dtype, rank, world_size, seed,
                  decode, num_threads, prefetch_queue_depth, decoder_options):
@@ -278,21 +305,32 @@ class DaliLoader:
         self.num_threads, self.prefetch_queue_depth = num_threads, prefetch_queue_depth
         self.decoder_options = decoder_options
         self.steps = steps_per_epoch(len(dataset), batch_size, world_size)
-        self.epoch = 0
+        self.epoch, self.start_step, self.restore = 0, 0, None
+        self.pipe = None
+        self.in_flight = InFlight(device)
 
     def __len__(self) -> int:
         return self.steps
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start_step = epoch, check_start_step(start_step, self.steps)
 
-    def pipeline(self, shard: np.ndarray, epoch: int):
+    def state_dict(self) -> dict:
+        """The running pipeline's checkpoint: what comes after the last batch handed out."""
+        return {"pipeline": self.pipe.checkpoint()} if self.pipe is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """The next iteration (the epoch and start step given to `set_epoch`) continues from this checkpoint."""
+        self.restore = state.get("pipeline")
+
+    def pipeline(self, shard: np.ndarray, epoch: int, checkpoint: bytes | None):
         gpu = self.device.type == "cuda"
         pipe = two_view_pipeline(
             self.dataset, shard, self.recipe, self.image_size, gpu, self.decode, OUTPUT_TYPES[self.dtype],
             self.decoder_options,
             batch_size=self.batch_size, num_threads=self.num_threads, device_id=self.device.index if gpu else None,
-            seed=pipeline_seed(self.seed, epoch, self.rank), prefetch_queue_depth=self.prefetch_queue_depth,
+            seed=derive_seed(self.seed, epoch, self.rank), prefetch_queue_depth=self.prefetch_queue_depth,
+            enable_checkpointing=True, checkpoint=checkpoint,
         )
         pipe.build()
         return pipe
@@ -313,14 +351,21 @@ class DaliLoader:
         try:
             shard = epoch_batches_shard(len(self.dataset), self.batch_size, self.rank, self.world_size, self.seed,
                                         self.epoch)
-            pipe = self.pipeline(shard, self.epoch)
-            for step in range(self.steps):
-                im_q, im_k, labels = self.run(pipe, shard, step)
-                yield (to_step_layout(to_torch(im_q).permute(0, 3, 1, 2), self.device, self.dtype),
-                       to_step_layout(to_torch(im_k).permute(0, 3, 1, 2), self.device, self.dtype),
-                       to_torch(labels).view(-1).to(self.device, torch.int64, non_blocking=True))
-        finally:  # also when the consumer stops early: the next iteration is the next epoch
-            self.epoch += 1
+            start, checkpoint, self.restore = self.start_step, self.restore, None
+            if checkpoint is None:  # no saved reader position: the reader is handed the samples from `start` on
+                shard, start_in_shard = shard[start * self.batch_size :], 0
+            else:
+                start_in_shard = start
+            self.pipe = self.pipeline(shard, self.epoch, checkpoint)
+            for step in range(start_in_shard, start_in_shard + self.steps - start):
+                im_q, im_k, labels = self.run(self.pipe, shard, step)
+                views = to_torch(im_q).permute(0, 3, 1, 2), to_torch(im_k).permute(0, 3, 1, 2)
+                self.in_flight.hold(views)
+                # Labels are copied out of DALI's host buffer here, on the host, before they travel.
+                labels = to_torch(labels).view(-1).to(torch.int64).to(self.device, non_blocking=True)
+                yield (*(to_step_layout(v, self.device, self.dtype) for v in views), labels)
+        finally:  # also when the consumer stops early: the next iteration is the next epoch, from its start
+            self.epoch, self.start_step = self.epoch + 1, 0
 
 
 def pipeline_device(device) -> torch.device:

@@ -31,7 +31,8 @@ Options:
 
 Randomness: crops are drawn inside FFCV's compiled code from numba's per-thread generators, which cannot be
 seeded, so unlike the torch loader's the views are not reproducible; flip, jitter, grayscale and blur are
-seeded from (seed, epoch, rank).
+seeded from (seed, epoch, rank, step). A resumed epoch (`set_epoch(epoch, start_step)`) reads exactly the
+samples the uninterrupted one would, in the same order.
 """
 
 from __future__ import annotations
@@ -55,11 +56,10 @@ from ffcv.traversal_order.base import TraversalOrder
 from ffcv.types import ALLOC_TABLE_TYPE
 
 from pipeline.augs import AugRecipe, get_recipe
-from pipeline.common import default_workers, epoch_seed, epoch_shard, steps_per_epoch
+from pipeline.common import check_start_step, default_workers, derive_seed, epoch_shard, steps_per_epoch
 from pipeline.errors import DataError
 from pipeline.ffcv_writer import IMAGE_FIELD, LABEL_FIELD
 from pipeline.gpu_augment import TwoViewAugment
-from pipeline.torch_loader import sample_seed
 
 ORDERS = ("random", "quasi_random")
 DECODES = ("once", "twice")
@@ -114,6 +114,20 @@ class ShardOrder(TraversalOrder):
 
     def sample_order(self, epoch: int) -> np.ndarray:
         return self.indices[epoch_shard(len(self.indices), self.rank, self.world_size, self.seed, epoch).numpy()]
+
+
+class FromStep(TraversalOrder):
+    """Any FFCV traversal order, cut to whole batches and, for the next epoch only, started at a given step: a
+    resumed epoch skips the samples it already trained on without reading them."""
+
+    def __init__(self, loader: Loader, inner: TraversalOrder, steps: int):
+        super().__init__(loader)
+        self.inner, self.steps, self.batch_size = inner, steps, loader.batch_size
+        self.start_step = 0
+
+    def sample_order(self, epoch: int) -> np.ndarray:
+        start, self.start_step = self.start_step, 0
+        return self.inner.sample_order(epoch)[start * self.batch_size : self.steps * self.batch_size]
 
 
 class TwoViewCropDecoder(RandomResizedCropRGBImageDecoder):
@@ -189,18 +203,26 @@ class FFCVLoader:
     def __init__(self, loader: Loader, augment: TwoViewAugment, *, steps: int, rank: int, seed: int):
         self.loader, self.augment = loader, augment
         self.steps, self.rank, self.seed = steps, rank, seed
+        self.order = loader.traversal_order = FromStep(loader, loader.traversal_order, steps)
 
     def __len__(self) -> int:
         return self.steps
 
-    def set_epoch(self, epoch: int) -> None:
-        self.loader.next_epoch = epoch
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.loader.next_epoch, self.order.start_step = epoch, check_start_step(start_step, self.steps)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
     def __iter__(self):
-        self.augment.reseed(sample_seed(epoch_seed(self.seed, self.loader.next_epoch), self.rank))
-        for labels, *views in self.loader:  # the file's fields first, then the extra outputs, in order
+        epoch, first = self.loader.next_epoch, self.order.start_step
+        for step, (labels, *views) in enumerate(self.loader, start=first):  # the file's fields, then extra outputs
             if len(views) == 1:  # decode once: (B, 2, H, W, 3) -> two NCHW views of it, no copy
                 views = views[0].permute(1, 0, 4, 2, 3).unbind(0)
+            self.augment.reseed(derive_seed(self.seed, epoch, self.rank, step))  # so a resumed step draws the same
             im_q, im_k = self.augment(*views)
             # FFCV reuses its output buffers a few batches later; the views are fresh tensors, labels need a copy.
             yield im_q, im_k, labels.clone()

@@ -7,7 +7,9 @@ is reproducible whatever the worker count, and a resumed run sees exactly the vi
 
 from __future__ import annotations
 
+import os
 import signal
+import threading
 from typing import Iterator
 
 import torch
@@ -16,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 
 from pipeline.augs import AugRecipe, get_recipe
-from pipeline.common import default_workers, epoch_seed, epoch_shard, steps_per_epoch, to_step_layout
+from pipeline.common import check_start_step, default_workers, derive_seed, epoch_shard, steps_per_epoch, to_step_layout
 from pipeline.datasets import is_fashion_mnist, resolve_dataset
 
 
@@ -50,24 +52,20 @@ def eval_transform(recipe: AugRecipe, image_size: int, resize: bool) -> T.Compos
     return T.Compose(ops + [T.ToTensor(), T.Normalize(recipe.mean, recipe.std)])
 
 
-def sample_seed(seed_of_epoch: int, index: int) -> int:
-    return (seed_of_epoch * 6364136223846793005 + index * 1442695040888963407) % (2**63)
-
-
 class ShardSampler(Sampler):
-    """This rank's disjoint, equal-sized share of a per-epoch permutation, as (index, sample seed) keys."""
+    """This rank's disjoint, equal-sized share of a per-epoch permutation, as (index, sample seed) keys, from
+    sample `start` of the share on (a resumed epoch skips the samples it already trained on without loading them)."""
 
     def __init__(self, num_samples: int, rank: int, world_size: int, seed: int):
         self.num_samples, self.rank, self.world_size, self.seed = num_samples, rank, world_size, seed
-        self.epoch = 0
+        self.epoch, self.start = 0, 0
 
     def __len__(self) -> int:
-        return self.num_samples // self.world_size
+        return self.num_samples // self.world_size - self.start
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        seed_of_epoch = epoch_seed(self.seed, self.epoch)
-        shard = epoch_shard(self.num_samples, self.rank, self.world_size, self.seed, self.epoch).tolist()
-        return ((i, sample_seed(seed_of_epoch, i)) for i in shard)
+        shard = epoch_shard(self.num_samples, self.rank, self.world_size, self.seed, self.epoch)[self.start :]
+        return ((i, derive_seed(self.seed, self.epoch, index=i)) for i in shard.tolist())
 
 
 class TwoViewDataset(Dataset):
@@ -87,40 +85,68 @@ class TwoViewDataset(Dataset):
             return self.transform(img), self.transform(img), label
 
 
-def leave_stopping_to_the_main_process(worker_id: int) -> None:
-    """DataLoader workers ignore Ctrl-C and SIGTERM: a signal sent to the whole process group (a terminal, a
-    scheduler) reaches the trainer, which stops between steps and shuts them down; killed mid-batch they
-    would only turn its stop into a DataLoader error."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+class LeaveStoppingToTheMainProcess:
+    """A worker_init_fn: workers ignore Ctrl-C, SIGTERM and SIGUSR1 from anyone but the main process.
+
+    A signal sent to the whole process group (a terminal, `timeout`, a scheduler) reaches the trainer, which stops
+    between steps and shuts the workers down; killed mid-batch they would only turn its stop into a DataLoader
+    error. A SIGTERM from the main process itself is obeyed at once: that is how Python's multiprocessing ends
+    daemonic children at interpreter exit (a script that never closed its loader) and how the DataLoader ends a
+    worker that does not stop, and ignoring it would hang the exit forever. The three signals are blocked and a
+    thread takes them with sigwaitinfo, which says who sent each.
+    """
+
+    SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1}
+
+    def __init__(self):
+        self.main_pid = os.getpid()
+
+    def __call__(self, worker_id: int) -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)  # inherited by every thread the worker starts
+        threading.Thread(target=self._take_signals, name="signals", daemon=True).start()
+
+    def _take_signals(self) -> None:
+        while True:
+            info = signal.sigwaitinfo(self.SIGNALS)
+            if info.si_signo == signal.SIGTERM and info.si_pid == self.main_pid:
+                os._exit(0)
 
 
 class TorchLoader:
-    """Iterates (im_q, im_k, labels) on the device; `set_epoch` picks the shuffle, else epochs advance."""
+    """Iterates (im_q, im_k, labels) on the device; `set_epoch` picks the shuffle and the first step, else epochs
+    advance. Each sample's views follow from its own seed, so nothing but (epoch, step) is needed to resume."""
 
     def __init__(self, dataset, transform, *, batch_size, device, dtype, rank, world_size, seed, num_workers):
-        self.device, self.dtype = torch.device(device), dtype
+        self.device, self.dtype, self.batch_size = torch.device(device), dtype, batch_size
         self.sampler = ShardSampler(len(dataset), rank, world_size, seed)
         self.steps = steps_per_epoch(len(dataset), batch_size, world_size)
         self.loader = DataLoader(
             TwoViewDataset(dataset, transform), batch_size=batch_size, sampler=self.sampler, drop_last=True,
             num_workers=num_workers, pin_memory=self.device.type == "cuda", persistent_workers=num_workers > 0,
-            prefetch_factor=4 if num_workers > 0 else None, worker_init_fn=leave_stopping_to_the_main_process,
+            prefetch_factor=4 if num_workers > 0 else None, worker_init_fn=LeaveStoppingToTheMainProcess(),
+            # The workers' base seed comes from here, not from the global RNG, whose stream the trainer owns.
+            generator=torch.Generator().manual_seed(seed),
         )
 
     def __len__(self) -> int:
         return self.steps
 
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.epoch = epoch
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.sampler.epoch, self.sampler.start = epoch, check_start_step(start_step, self.steps) * self.batch_size
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
     def __iter__(self):
         try:
             for im_q, im_k, labels in self.loader:
                 yield (to_step_layout(im_q, self.device, self.dtype), to_step_layout(im_k, self.device, self.dtype),
                        labels.to(self.device, non_blocking=True))
-        finally:  # also when the consumer stops early: the next iteration is the next epoch
-            self.sampler.epoch += 1
+        finally:  # also when the consumer stops early: the next iteration is the next epoch, from its start
+            self.sampler.epoch, self.sampler.start = self.sampler.epoch + 1, 0
 
 
 def build(data, *, batch_size, image_size, device, aug="v2", rank=0, world_size=1, seed=0,
@@ -144,23 +170,36 @@ class EvalDataset(Dataset):
         return self.transform(img), label
 
 
-def build_eval_loader(data, split, *, image_size, batch_size, device, dtype=torch.float32, max_samples=None,
-                      num_workers=None, seed=0, verify=True):
-    """A callable giving (images, labels) batches of the un-augmented `split`, or a fixed random subset of it.
+class EvalLoader:
+    """Calling it gives (images, labels) batches of this rank's share of the chosen images, on the device."""
 
-    The dataset is checked here, when the loader is built, so bad data fails before any training.
+    def __init__(self, dataset, transform, indices: list[int], *, rank: int, world_size: int, batch_size: int,
+                 device, dtype, num_workers: int, seed: int):
+        self.device, self.dtype = torch.device(device), dtype
+        self.shard_sizes = [len(indices[r::world_size]) for r in range(world_size)]
+        self.loader = DataLoader(EvalDataset(dataset, transform, indices[rank::world_size]), batch_size=batch_size,
+                                 num_workers=num_workers, pin_memory=self.device.type == "cuda",
+                                 worker_init_fn=LeaveStoppingToTheMainProcess(),
+                                 generator=torch.Generator().manual_seed(seed))
+
+    def __call__(self):
+        for images, labels in self.loader:
+            yield to_step_layout(images, self.device, self.dtype), labels.to(self.device, non_blocking=True)
+
+
+def build_eval_loader(data, split, *, image_size, batch_size, device, dtype=torch.float32, max_samples=None,
+                      num_workers=None, seed=0, verify=True, rank=0, world_size=1) -> EvalLoader:
+    """The un-augmented `split`, or a fixed random subset of it, shared out over `world_size` ranks.
+
+    The images this rank will read are checked here, when the loader is built, so bad data fails before any
+    training; of a subset, only the subset (a 20,000-image kNN bank does not open all 1.28M ImageNet files).
     """
-    dataset = resolve_dataset(data, split, image_size, verify)
+    dataset = resolve_dataset(data, split, image_size, verify=False)
     indices = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
     indices = sorted(indices[:max_samples] if max_samples else indices)
+    if verify and hasattr(dataset, "verify"):
+        dataset.verify(indices[rank::world_size])
     transform = eval_transform(get_recipe("v2"), image_size, resize=not is_fashion_mnist(data))
-    workers = default_workers() if num_workers is None else num_workers
-    device = torch.device(device)
-    loader = DataLoader(EvalDataset(dataset, transform, indices), batch_size=batch_size, num_workers=workers,
-                        pin_memory=device.type == "cuda", worker_init_fn=leave_stopping_to_the_main_process)
-
-    def batches():
-        for images, labels in loader:
-            yield to_step_layout(images, device, dtype), labels.to(device, non_blocking=True)
-
-    return batches
+    return EvalLoader(dataset, transform, indices, rank=rank, world_size=world_size, batch_size=batch_size,
+                      device=device, dtype=dtype, num_workers=default_workers() if num_workers is None else num_workers,
+                      seed=seed)

@@ -1,7 +1,10 @@
+import gzip
 import os
+import struct
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -9,3 +12,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; this machine has none")
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """An IDX file (the MNIST format), gzipped: big-endian dims after a uint8 type code."""
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def fashion_mnist_subset(root: Path, train: int, val: int) -> str:
+    """The first `train` / `val` images of the embedded Fashion-MNIST as a `fashion-mnist:DIR` data string."""
+    from pipeline.datasets import FASHION_MNIST_FILES, resolve_dataset
+
+    root.mkdir(parents=True, exist_ok=True)
+    for split, count in (("train", train), ("val", val)):
+        dataset = resolve_dataset("fashion-mnist", split, 28)
+        images, labels = FASHION_MNIST_FILES[split]
+        write_idx(root / f"{images}.gz", dataset.images[:count])
+        write_idx(root / f"{labels}.gz", dataset.targets[:count])
+    return f"fashion-mnist:{root}"
+
+
+@pytest.fixture(scope="session")
+def small_fashion(tmp_path_factory) -> str:
+    """1,600 training and 256 validation images: 100 steps an epoch at batch 16."""
+    return fashion_mnist_subset(tmp_path_factory.mktemp("fashion"), 1600, 256)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import requires_cuda
-from engine.config import ConfigError, OptimConfig
+from engine.config import ConfigError, OptimConfig, parse_config, validate
 from engine.cuda_graph import GraphedStep
 from engine.optim import build_optimizer, set_learning_rate
 from engine.step import MocoStep
@@ -28,18 +28,16 @@ def test_tensor_learning_rate_is_filled_in_place():
     assert optimizer.param_groups[0]["lr"] is lr and float(lr) == 0.25
 
 
-def test_refuses_what_it_cannot_capture():
-    with pytest.raises(ConfigError, match="needs a CUDA device"):
-        GraphedStep(make_step("cpu")[1], world_size=1)
-
-
-@requires_cuda
-@pytest.mark.parametrize("precision, optimizer, world_size, message", [
-    ("fp16", "sgd", 1, "bf16 or fp32"), ("fp32", "lars", 1, "optimizer sgd"), ("fp32", "sgd", 2, "single-process"),
+@pytest.mark.parametrize("flags, world_size, device, message", [
+    ([], 1, "cpu", "needs a CUDA device"), (["--precision", "fp16"], 1, "cuda", "bf16 or fp32"),
+    (["--optimizer", "lars"], 1, "cuda", "optimizer sgd with --fused-sgd"),
+    (["--no-fused-sgd"], 1, "cuda", "optimizer sgd with --fused-sgd"), ([], 2, "cuda", "single-process"),
+    (["--compile"], 1, "cuda", "choose one"),
 ])
-def test_refuses_what_it_cannot_capture_on_a_gpu(precision, optimizer, world_size, message):
+def test_refuses_what_it_cannot_capture_before_any_work(flags, world_size, device, message):
+    """validate() knows every CUDA-graph limit: no GPU is needed to refuse, and no data is read first."""
     with pytest.raises(ConfigError, match=message):
-        GraphedStep(make_step("cuda", precision, optimizer)[1], world_size=world_size)
+        validate(parse_config(["--cuda-graphs", "--batch-size", "64", *flags]), world_size, device)
 
 
 @requires_cuda
@@ -53,7 +51,7 @@ def test_graphed_steps_match_eager_steps():
     for graphed in (False, True):
         moco, step = make_step("cuda")
         if graphed:
-            step = GraphedStep(step, world_size=1)
+            step = GraphedStep(step)
         losses = []
         for lr, (im_q, im_k) in zip(lrs, batches):
             set_learning_rate(step.optimizer, lr)

@@ -27,17 +27,32 @@ def make_step(moco, precision, fused_loss):
 def test_fp16_step_skips_a_nonfinite_loss_and_goes_on(fused_loss):
     moco = make_moco()
     step = make_step(moco, "fp16", fused_loss)
+    step.scaler = torch.amp.GradScaler("cpu", init_scale=256.0)  # no overflow in this model's fp16 gradients
     x = torch.randn(8, 3, 8, 8)
     step(x, x)
-    scale = step.scaler.get_scale()
+    scale, skipped = step.scaler.get_scale(), int(step.counters.skipped)
+    assert skipped == 0
     before = {n: p.clone() for n, p in moco.encoder_q.named_parameters()}
     loss = step(torch.full_like(x, float("nan")), x)
-    assert not torch.isfinite(loss) and int(step.nonfinite_steps) == 1
+    assert not torch.isfinite(loss) and int(step.counters.nonfinite) == 1
+    assert int(step.counters.skipped) == skipped + 1 and int(step.counters.first_nonfinite) == 1  # the second step
     assert step.scaler.get_scale() == scale / 2
     for n, p in moco.encoder_q.named_parameters():
         assert torch.equal(p, before[n]), n  # the update was skipped
     assert torch.isfinite(step(x, x))  # and training goes on
-    assert int(step.nonfinite_steps) == 1
+    assert int(step.counters.nonfinite) == 1 and int(step.counters.skipped) == skipped + 1
+    assert int(step.counters.steps) == 3
+
+
+def test_fp16_counts_the_steps_the_scaler_skipped_not_nonfinite_losses():
+    """A loss scale too large for fp16 gradients: the loss is finite, the gradients overflow, the step is skipped."""
+    moco = make_moco()
+    step = make_step(moco, "fp16", fused_loss=True)
+    step.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 40)
+    x = torch.randn(8, 3, 8, 8)
+    assert torch.isfinite(step(x, x))
+    assert (int(step.counters.skipped), int(step.counters.nonfinite)) == (1, 0)
+    assert step.scaler.get_scale() == 2.0 ** 39
 
 
 def test_bf16_step_tracks_the_fp32_step():

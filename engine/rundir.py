@@ -1,0 +1,79 @@
+"""A run's output folder: locked while the run lives, its metrics.jsonl, and where its checkpoints go."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from pathlib import Path
+
+from engine.config import ConfigError
+
+
+class RunDir:
+    LAST = "checkpoint_last.pth.tar"
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.metrics = self.path / "metrics.jsonl"
+        self.lock_file = None
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.path / self.LAST
+
+    def epoch_checkpoint(self, epoch: int) -> Path:
+        return self.path / f"checkpoint_{epoch:04d}.pth.tar"
+
+    def open(self, resuming: bool) -> None:
+        """Creates and locks the folder, or says in one line why this run cannot write there: not a folder, not
+        writable, in use by a live run (two runs would interleave their metrics and overwrite each other's
+        checkpoints), or holding an earlier run that a fresh start would overwrite."""
+        if self.path.exists() and not self.path.is_dir():
+            raise ConfigError(f"--out {self.path} is a file, not a folder")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.lock_file = open(self.path / ".lock", "a+")
+        except OSError as e:
+            raise ConfigError(f"--out {self.path} cannot be written: {e.strerror}") from None
+        try:  # a POSIX lock: not inherited by forked loader workers, released by the kernel when the run dies
+            fcntl.lockf(self.lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.lock_file.seek(0)
+            owner = self.lock_file.read().strip() or "?"
+            self.lock_file.close()
+            raise ConfigError(f"--out {self.path} is in use by another run (pid {owner}); wait for it to end or "
+                              f"choose another --out") from None
+        self.lock_file.seek(0)
+        self.lock_file.truncate()
+        self.lock_file.write(str(os.getpid()))
+        self.lock_file.flush()
+        if not resuming and self.last_checkpoint.exists():
+            raise ConfigError(f"--out {self.path} already holds a run ({self.LAST}); continue it with --resume auto, "
+                              f"or choose another --out")
+
+    def close(self) -> None:
+        if self.lock_file is not None:
+            self.lock_file.close()  # releases the lock
+            self.lock_file = None
+
+    def rows(self) -> list[dict]:
+        """The metrics rows written so far. A last line cut short by a kill during its append is left out."""
+        if not self.metrics.exists():
+            return []
+        rows = []
+        for line in self.metrics.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return rows
+
+    def restart_metrics(self, keep_through_epoch: int | None) -> None:
+        """A fresh run starts an empty file; a resumed one keeps the rows of the epochs it does not train again."""
+        rows = [] if keep_through_epoch is None else [r for r in self.rows() if r["epoch"] <= keep_through_epoch]
+        self.metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def append_metrics(self, row: dict) -> None:
+        with open(self.metrics, "a") as f:
+            f.write(json.dumps(row) + "\n")
