@@ -48,6 +48,17 @@ def init_runtime(device: torch.device, timeout_minutes: float = 30.0) -> Runtime
     return Runtime(rank=int(os.environ.get("RANK", "0")), world_size=world_size, device=device)
 
 
+def restart_hazard() -> str | None:
+    """torchrun (c10d rendezvous) by default shares its rendezvous store with the ranks and keeps the previous
+    round's keys there, so ranks restarted by --max-restarts connect to the dead ones and fail again
+    (pytorch/pytorch#135712). The launcher's environment decides; the ranks can only say so."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS",
+                                                                                       "0")) > 0:
+        return ("torchrun shares its rendezvous store with the ranks, which breaks --max-restarts "
+                "(pytorch/pytorch#135712): launch it with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1")
+    return None
+
+
 def max_over_ranks(values: torch.Tensor, runtime: Runtime) -> list:
     """Each entry's largest value over the ranks, on the host: the one read the trainer's check-ins make."""
     if runtime.world_size > 1:

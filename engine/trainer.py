@@ -26,8 +26,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from engine.checkpoint import CheckpointError, CheckpointWriter, load_checkpoint, to_host, with_prefix, without_prefix
 from engine.config import ConfigError, TrainConfig, to_dict, validate
 from engine.cuda_graph import GraphedStep
-from engine.distributed import (Runtime, gather_on_main, init_runtime, max_over_ranks, pick_device, shutdown,
-                                world_size_from_env)
+from engine.distributed import (Runtime, gather_on_main, init_runtime, max_over_ranks, pick_device, restart_hazard,
+                                shutdown, world_size_from_env)
 from engine.knn import KnnMonitor
 from engine.optim import build_optimizer, check_same_optimizer, learning_rate, set_learning_rate
 from engine.rundir import RunDir
@@ -162,6 +162,8 @@ class Trainer:
         path = self.checkpoint_to_resume()
         if runtime.is_main:
             self.run_dir.open(resuming=path is not None)
+            if restart_hazard():
+                console.print(f"warning: {restart_hazard()}")
         checkpoint = load_checkpoint(path) if path else None
         self.moco, self.model = build_model(cfg, runtime)
         self.optimizer = build_optimizer(cfg.optim, self.moco.parameters())
@@ -366,8 +368,9 @@ class Trainer:
         ranks = None
         if self.step:
             cuda = runtime.device.type == "cuda"
-            rank_state = dict(rng_cpu=torch.get_rng_state(), loader=self.loader.state_dict(), loss_sum=self.loss_sum,
-                              rng_cuda=torch.cuda.get_rng_state(runtime.device) if cuda else None)
+            rank_state = dict(epoch=self.epoch, step=self.step, rng_cpu=torch.get_rng_state(),
+                              rng_cuda=torch.cuda.get_rng_state(runtime.device) if cuda else None,
+                              loader=self.loader.state_dict(), loss_sum=self.loss_sum)
             ranks = gather_on_main(to_host(rank_state), runtime)
         path = self.run_dir.last_checkpoint
         self.last_checkpoint, self.last_save_time = (path, self.epoch, self.step), time.monotonic()
