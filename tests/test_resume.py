@@ -1,13 +1,19 @@
 """Exact resumption: a run cut anywhere (inside an epoch or between epochs) and resumed ends with the same weights,
 queue, optimizer state and metrics as the run that was never cut, with worker processes on."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 import train
 from engine.checkpoint import load_checkpoint
 from engine.config import parse_config
-from engine.trainer import Interrupted, Trainer
+from engine.trainer import Interrupted, Trainer, TrainingDiverged
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_args(data, out, loader="torch", workers=2, extra=()):
@@ -94,3 +100,138 @@ def test_cut_between_epochs_resumes_bit_exactly(small_fashion, uninterrupted, tm
     assert load_checkpoint(last)["step"] == 0 and "ranks" not in load_checkpoint(last)
     assert train.main(run_args(small_fashion, tmp_path, extra=["--resume", str(last)])) == 0
     assert_same_run(uninterrupted("torch"), tmp_path)
+
+
+# --- resuming with other settings, and what must be refused -------------------------------------------------------
+
+QUICK = ["--epochs", "1", "--max-steps", "3", "--batch-size", "16", "--moco-k", "64", "--image-size", "16",
+         "--workers", "0", "--knn-every", "0", "--checkpoint-minutes", "0"]
+
+
+def quick_run(data, out, *extra):
+    return train.main(["--data", data, "--out", str(out), *QUICK, *extra])
+
+
+def error_line(capsys) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines and lines[-1].startswith("error: "), lines
+    return lines[-1]
+
+
+def test_resume_with_a_larger_batch_realigns_the_queue(small_fashion, tmp_path):
+    """3 steps of 16 leave the queue pointer at 48, not a multiple of 32: the next keys wrap around the end."""
+    assert quick_run(small_fashion, tmp_path) == 0
+    assert int(load_checkpoint(tmp_path / "checkpoint_last.pth.tar")["state_dict"]["module.queue_ptr"]) == 48
+    before = load_checkpoint(tmp_path / "checkpoint_last.pth.tar")["state_dict"]["module.queue"]
+    assert quick_run(small_fashion, tmp_path, "--batch-size", "32", "--epochs", "2", "--max-steps", "1",
+                     "--resume", "auto") == 0
+    after = load_checkpoint(tmp_path / "checkpoint_last.pth.tar")["state_dict"]
+    assert int(after["module.queue_ptr"]) == (48 + 32) % 64
+    changed = (after["module.queue"] != before).any(dim=0).nonzero().flatten().tolist()
+    assert changed == list(range(0, 16)) + list(range(48, 64))
+
+
+def test_resume_an_fp32_checkpoint_in_fp16(small_fashion, tmp_path):
+    assert quick_run(small_fashion, tmp_path) == 0
+    assert quick_run(small_fashion, tmp_path, "--precision", "fp16", "--epochs", "2", "--resume", "auto") == 0
+    assert "scaler" in load_checkpoint(tmp_path / "checkpoint_last.pth.tar")
+
+
+def test_resume_with_another_optimizer_is_refused(small_fashion, tmp_path, capsys):
+    assert quick_run(small_fashion, tmp_path) == 0
+    assert quick_run(small_fashion, tmp_path, "--optimizer", "lars", "--epochs", "2", "--resume", "auto") == 2
+    assert "is --optimizer sgd's, not lars's" in error_line(capsys)
+
+
+def test_a_checkpoint_that_does_not_fit_says_what_does_not(small_fashion, tmp_path, capsys):
+    assert quick_run(small_fashion, tmp_path) == 0
+    assert quick_run(small_fashion, tmp_path, "--moco-dim", "64", "--epochs", "2", "--resume", "auto") == 2
+    line = error_line(capsys)
+    assert "does not fit this model" in line and "size mismatch for queue" in line
+
+
+def test_resuming_a_finished_run_says_nothing_is_left(small_fashion, tmp_path, capsys):
+    assert quick_run(small_fashion, tmp_path) == 0
+    capsys.readouterr()
+    assert quick_run(small_fashion, tmp_path, "--resume", "auto") == 0
+    assert capsys.readouterr().err.strip().startswith("nothing left to train")
+
+
+def test_a_torn_last_metrics_line_does_not_block_resume(small_fashion, tmp_path):
+    assert quick_run(small_fashion, tmp_path) == 0
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 2, "lo')  # killed during the append
+    assert quick_run(small_fashion, tmp_path, "--epochs", "2", "--resume", "auto") == 0
+    assert [r["epoch"] for r in train_rows(tmp_path)] == [0, 1, 2]
+
+
+def test_a_fresh_run_does_not_overwrite_an_earlier_one(small_fashion, tmp_path, capsys):
+    assert quick_run(small_fashion, tmp_path) == 0
+    metrics = (tmp_path / "metrics.jsonl").read_text()
+    assert quick_run(small_fashion, tmp_path) == 2
+    assert "already holds a run" in error_line(capsys) and (tmp_path / "metrics.jsonl").read_text() == metrics
+
+
+def test_a_second_run_into_the_same_folder_is_refused(small_fashion, tmp_path):
+    first = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--data", small_fashion, "--out", str(tmp_path),
+                              *QUICK, "--max-steps", "100", "--epochs", "50"], cwd=ROOT, stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        for line in first.stderr:
+            if line.startswith("MoCo "):  # training: the folder is the first run's
+                break
+        second = subprocess.run([sys.executable, str(ROOT / "train.py"), "--data", small_fashion, "--out",
+                                 str(tmp_path), *QUICK, "--resume", "auto"], cwd=ROOT, capture_output=True, text=True,
+                                timeout=120)
+        assert second.returncode == 2
+        assert second.stderr.strip() == (f"error: --out {tmp_path} is in use by another run (pid {first.pid}); wait "
+                                         f"for it to end or choose another --out")
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_a_cut_epoch_resumes_only_with_its_batch_size(small_fashion, tmp_path, capsys):
+    stop_at(run_args(small_fashion, tmp_path, workers=0), 0, 4)
+    args = run_args(small_fashion, tmp_path, workers=0, extra=["--resume", "auto"])
+    args[args.index("--batch-size") + 1] = "32"
+    assert train.main(args) == 2
+    assert "was cut inside epoch 1 by a run with batch 16 on 1 ranks" in error_line(capsys)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(small_fashion, tmp_path, precision):
+    """A NaN batch at step 13 of the first epoch; checkpoints every 5 steps. The run stops at its next check-in
+    (step 15) with one line, and checkpoint_last still holds step 10 with finite weights."""
+    args = run_args(small_fashion, tmp_path, workers=0, extra=["--checkpoint-steps", "5", "--print-freq", "5",
+                                                               "--precision", precision])
+    trainer = Trainer(parse_config(args))
+    try:
+        trainer.build()
+        loader, iterate = trainer.loader, type(trainer.loader).__iter__
+
+        def poisoned(self):
+            for i, (im_q, im_k, labels) in enumerate(iterate(self)):
+                yield (torch.full_like(im_q, float("nan")) if i == 12 else im_q), im_k, labels
+
+        loader.__class__ = type("Poisoned", (type(loader),), {"__iter__": poisoned})
+        with pytest.raises(TrainingDiverged) as diverged:
+            trainer.run()
+    finally:
+        trainer.close()
+    last = tmp_path / "checkpoint_last.pth.tar"
+    assert str(diverged.value) == (f"the loss became non-finite at epoch 1, step 13 (lr {trainer.lr:.4g}); stopped "
+                                   f"without saving the diverged weights: {last} (0 epochs and 10/100 steps of "
+                                   f"epoch 1) is the last good checkpoint")
+    checkpoint = load_checkpoint(last)
+    assert checkpoint["step"] == 10
+    assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values() if v.is_floating_point())
+
+
+def test_a_diverging_run_exits_with_one_line(small_fashion, tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--data", small_fashion, "--out", str(tmp_path),
+                             *QUICK, "--max-steps", "30", "--lr", "1e6", "--print-freq", "5"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: the loss became non-finite at epoch 1, step ")
+    assert not (tmp_path / "checkpoint_last.pth.tar").exists()

@@ -73,9 +73,10 @@ def test_resumed_run_matches_uninterrupted_run(full_run, tmp_path):
     assert [r["epoch"] for r in rows(resumed)] == [0, 2]
 
 
-def run_cli(args):
+def run_cli(args, timeout=120):
+    """train.py in a subprocess, to its end: a run that does not end fails the test."""
     return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=300)
+                          cwd=ROOT, timeout=timeout)
 
 
 def assert_one_line_error(result, *fragments):
@@ -97,16 +98,71 @@ def test_empty_data_path(tmp_path):
     assert_one_line_error(run_cli(TINY + ["--data", str(empty), "--out", str(tmp_path)]), "is empty")
 
 
-def test_unreadable_image(tmp_path):
+def image_folder(root: Path, splits=("train",), images=40) -> Path:
     from PIL import Image
 
-    root = tmp_path / "images"
-    (root / "a").mkdir(parents=True)
-    for i in range(4):
-        Image.new("RGB", (20, 20), (i * 40, 0, 0)).save(root / "a" / f"ok{i}.jpg")
-    (root / "a" / "broken.jpg").write_bytes(b"this is not a jpeg")
-    assert_one_line_error(run_cli(TINY + ["--data", str(root), "--out", str(tmp_path)]),
+    for split in splits:
+        for c in range(2):
+            (root / split / f"c{c}").mkdir(parents=True)
+            for i in range(images // 2):
+                Image.new("RGB", (20, 20), (i * 6, c * 100, 0)).save(root / split / f"c{c}" / f"ok{i}.jpg")
+    return root
+
+
+def test_unreadable_image(tmp_path):
+    root = image_folder(tmp_path / "images")
+    (root / "train" / "c0" / "broken.jpg").write_bytes(b"this is not a jpeg")
+    assert_one_line_error(run_cli(TINY + ["--data", str(root), "--out", str(tmp_path / "o")]),
                           "unreadable image", "broken.jpg")
+
+
+def truncated_jpeg() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(buffer, "JPEG")
+    return buffer.getvalue()[:200]  # a valid header: only decoding finds the damage
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_an_image_that_fails_in_a_worker_ends_the_run_in_one_line(tmp_path, split):
+    """A truncated JPEG passes the header check and fails in a DataLoader worker (training, or the kNN monitor's
+    val split); the run says which file in one line and exits, workers and all."""
+    root = image_folder(tmp_path / "images", ("train", "val"))
+    (root / split / "c1" / "truncated.jpg").write_bytes(truncated_jpeg())
+    args = TINY + ["--data", str(root), "--out", str(tmp_path / "o"), "--workers", "2", "--batch-size", "8",
+                   "--moco-k", "64", "--bn-splits", "2", "--max-steps", "100"]
+    assert_one_line_error(run_cli(args), "unreadable image", "truncated.jpg")
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--print-freq", "0"], "--print-freq must be at least 1"), (["--save-every", "0"], "--save-every must be at least 1"),
+    (["--max-steps", "-1"], "--max-steps must be at least 1"), (["--max-steps", "0"], "--max-steps must be at least 1"),
+    (["--checkpoint-minutes", "-1"], "--checkpoint-minutes must not be negative"),
+    (["--checkpoint-steps", "-2"], "--checkpoint-steps must not be negative"), (["--lr", "-0.1"], "--lr must be positive"),
+    (["--workers", "-1"], "--workers must not be negative"), (["--bn-splits", "0"], "--bn-splits must be at least 1"),
+    (["--moco-t", "0"], "--moco-t must be positive"), (["--moco-m", "1.5"], "--moco-m must be in [0, 1]"),
+    (["--cuda-graphs", "--optimizer", "lars"], "--cuda-graphs"), (["--shuffle", "ddp"], "needs several processes"),
+    (["--precision", "fp8"], "unknown --precision 'fp8'; choose one of: auto, bf16, fp16, fp32"),
+])
+def test_a_setting_that_cannot_work_fails_before_any_data_is_read(tmp_path, capsys, flags, fragment):
+    """The data path does not exist: a data error would mean the data was looked at before the setting."""
+    status = train.main(TINY + ["--data", str(tmp_path / "no-data"), "--out", str(tmp_path / "o"), *flags])
+    assert_one_line_error(subprocess.CompletedProcess([], status, "", capsys.readouterr().err), fragment)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal needs a machine without CUDA")
+def test_cuda_device_without_one(tmp_path):
+    assert_one_line_error(run_cli(TINY + ["--device", "cuda", "--out", str(tmp_path)]), "no CUDA device")
+
+
+def test_out_that_cannot_be_a_folder(tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    assert_one_line_error(run_cli(TINY + ["--out", str(a_file)]), "is a file")
+    assert_one_line_error(run_cli(TINY + ["--out", str(a_file / "below")]), "cannot be written", "Not a directory")
 
 
 def test_k_not_divisible_by_global_batch(tmp_path):
