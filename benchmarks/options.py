@@ -19,6 +19,7 @@ SUITES = {
     "step": "the MoCo step alone on synthetic on-device batches: images/s and ms per stage",
     "e2e": "loader plus step, through train.py's own epoch loop: images/s and time blocked on the loader",
     "stages": "one table: the loader's pieces, every step stage, the step and end-to-end totals",
+    "checkpoint": "what a checkpoint costs the run: size, the loop's pause, the background write, slower steps",
     "chart": "a PNG from JSON results: stacked stage breakdowns and images/s per run",
 }
 

@@ -72,6 +72,8 @@ def figures(record: dict) -> list[tuple[str, str]]:
     for key, name in (("loader_images_per_s", "loader alone, images/s"), ("step_images_per_s", "step alone, images/s")):
         if key in record:
             rows.append((name, f"{record[key]:,.1f}"))
+    if "checkpoint_mb" in record:
+        rows.append(("checkpoint size", f"{record['checkpoint_mb']:,.0f} MB"))
     if "data_wait_fraction" in record:
         rows.append(("time blocked on the loader", f"{100 * record['data_wait_fraction']:.1f}%"))
     rows.append(("peak host RSS (main process, whole run)", f"{record['peak_host_rss_mb']:,.0f} MB"))

@@ -1,0 +1,73 @@
+"""What writing a checkpoint costs a training run: the state's size, the pause the loop takes to copy it to host
+memory (the only part on the loop's thread), how long the background write takes, and how much slower the steps
+run while it writes (the writer shares the host CPU and, for pickling, the interpreter).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+from benchmarks import host, timing, workload
+from benchmarks.e2e_suite import benchmark_trainer
+from engine.config import TrainConfig
+from engine.distributed import Runtime
+
+
+def measure(cfg: TrainConfig, runtime: Runtime, precision: str, opts: argparse.Namespace) -> dict:
+    cfg = workload.for_backend(cfg, "synthetic", runtime)
+    device = runtime.device
+    with tempfile.TemporaryDirectory() as out:
+        trainer = benchmark_trainer(cfg, out, opts.warmup + opts.steps * (2 * opts.repeats + 1))
+        try:
+            batches = workload.endless(trainer.loader)
+
+            def step_ms() -> float:
+                start = time.perf_counter()
+                trainer.train_step(*next(batches)[:2])
+                timing.synchronize(device)
+                return 1e3 * (time.perf_counter() - start)
+
+            for _ in range(opts.warmup):
+                step_ms()
+            trainer.step = 1  # a mid-epoch checkpoint: RNG, loader state and loss sum go with it
+            trainer.steps, trainer.loss_sum = opts.steps, next(batches)[0].new_zeros(())
+            alone, during, pauses, writes, sizes, cpu_s = [], [], [], [], [], 0.0
+            for _ in range(opts.repeats):
+                cpu_start = host.cpu_seconds()
+                alone += [step_ms() for _ in range(opts.steps)]
+                cpu_s += host.cpu_seconds() - cpu_start
+                start = time.perf_counter()
+                trainer.save()
+                pauses.append(1e3 * (time.perf_counter() - start))
+                writing = trainer.writer.thread
+                while writing.is_alive():
+                    during.append(step_ms())
+                writes.append(1e3 * (time.perf_counter() - start))
+                trainer.writer.wait()
+                sizes.append(trainer.run_dir.last_checkpoint.stat().st_size / 2**20)
+        finally:
+            trainer.close()
+    alone_ms = statistics.median(alone)
+    during_ms = statistics.median(during) if during else alone_ms
+    return {
+        "backend": "synthetic",
+        "images_per_s": cfg.optim.batch_size / (alone_ms / 1e3),
+        "cpu_s_per_image": cpu_s / (len(alone) * workload.per_rank_batch(cfg, runtime)),
+        "peak_host_rss_mb": host.peak_rss_mb(),
+        "peak_device_mb": host.device_peak_mb(device),
+        "checkpoint_mb": statistics.median(sizes),
+        "stages": {"loop_pause": statistics.median(pauses), "background_write": statistics.median(writes),
+                   "step_alone": alone_ms, "step_during_write": during_ms},
+        "stage_groups": {"on the loop's thread": ["loop_pause"], "on the writer's thread": ["background_write"],
+                         "one step": ["step_alone", "step_during_write"]},
+        "notes": [f"checkpoint_last of {statistics.median(sizes):,.0f} MB (model, queue, optimizer, config, RNG); "
+                  f"loop_pause copies it to host memory, background_write pickles, writes and fsyncs it",
+                  f"{len(during)} steps ran during the {opts.repeats} writes"],
+    }
+
+
+def run(cfg: TrainConfig, runtime: Runtime, precision: str, opts: argparse.Namespace) -> list[dict]:
+    return [measure(cfg, runtime, precision, opts)]
