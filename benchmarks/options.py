@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from engine.config import TrainConfig, parse_config
+from engine.config import ConfigError, TrainConfig, parse_config
 from engine.config import build_parser as build_train_parser
 from pipeline.torch_loader import default_workers
 
@@ -76,10 +76,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_writable(path: Path | None, flag: str) -> None:
+    """An output path that cannot be written fails now, not after the whole measurement."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise ConfigError(f"{flag} {path} is a folder; give a file name")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise ConfigError(f"{flag} {path} cannot be written: {path.parent} is a file")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        existed = path.exists()
+        with open(path, "a"):
+            pass
+        if not existed:
+            path.unlink()
+    except OSError as e:
+        raise ConfigError(f"{flag} {path} cannot be written: {e.strerror}") from None
+
+
 def parse(argv: list[str]) -> tuple[argparse.Namespace, TrainConfig | None]:
     """The benchmark flags, and the TrainConfig that the remaining (train.py) flags give; None for `chart`."""
     parser = build_parser()
     opts, train_argv = parser.parse_known_args(argv)
+    check_writable(getattr(opts, "json", None), "--json")
+    check_writable(opts.png, "--png")
     if opts.suite == "chart":
         if train_argv:
             parser.error(f"unrecognized arguments: {' '.join(train_argv)}")

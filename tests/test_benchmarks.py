@@ -111,3 +111,19 @@ def test_chart_from_several_result_files(step_run, tmp_path):
 def test_an_impossible_configuration_is_one_line_error(tmp_path, capsys):
     assert main(["step", *TINY, "--moco-k", "60"]) == 2
     assert "is not a multiple" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--json", "--png"])
+def test_an_unwritable_output_fails_before_measuring(tmp_path, capsys, flag):
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    assert main(["step", *TINY, flag, str(a_file / "out")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {flag} {a_file / 'out'} cannot be written: {a_file} is a file"
+
+
+def test_checkpoint_suite_measures_the_save(tmp_path):
+    doc = run(tmp_path, "checkpoint", "checkpoint")
+    assert_required_fields(doc, "checkpoint")
+    stages = doc["stages"]
+    assert doc["checkpoint_mb"] > 0 and stages["background_write"] > 0 and 0 < stages["loop_pause"]
+    assert stages["step_alone"] > 0
