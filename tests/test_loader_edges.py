@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import requires_cuda
 from pipeline import build_loader
 from pipeline.augs import IMAGENET_MEAN, IMAGENET_STD, get_recipe
 from pipeline.ffcv_writer import write_beton
@@ -63,6 +64,7 @@ def test_png_named_jpeg_and_cmyk_jpeg_are_read(odd_folder, tmp_path, backend):
 SCRIPT = """
 import sys
 sys.path.insert(0, {root!r})
+from conftest import requires_cuda
 from pipeline import build_loader
 loader = build_loader({backend!r}, {data!r}, batch_size=8, image_size=16, device="cpu", **{options!r})
 im_q, im_k, labels = next(iter(loader))
@@ -102,11 +104,13 @@ def test_ffcv_resumed_epoch_reads_the_same_samples_in_the_same_order(small_fashi
     assert len(list(loader)) == 25
 
 
-@pytest.mark.parametrize("backend", ["torch", "dali"])
-def test_a_batch_stays_valid_while_later_batches_are_read(small_fashion, backend):
+@pytest.mark.parametrize("backend, device", [
+    ("torch", "cpu"), ("dali", "cpu"), pytest.param("dali", "cuda", marks=requires_cuda)])
+def test_a_batch_stays_valid_while_later_batches_are_read(small_fashion, backend, device):
     """DALI hands its output buffers to torch without a copy: a batch kept by the step must not be overwritten
-    by the batches DALI prepares after it (prefetching, buffer reuse). The reference loader owns its tensors."""
-    loader = build_loader(backend, small_fashion, batch_size=16, image_size=16, device="cpu", num_workers=2)
+    by the batches DALI prepares after it (prefetching, buffer reuse), nor its labels by DALI's next host batch.
+    The reference loader owns its tensors."""
+    loader = build_loader(backend, small_fashion, batch_size=16, image_size=16, device=device, num_workers=2)
     batches = iter(loader)
     first = next(batches)
     copies = [t.clone() for t in first]

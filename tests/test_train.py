@@ -134,7 +134,9 @@ def test_an_image_that_fails_in_a_worker_ends_the_run_in_one_line(tmp_path, spli
     (root / split / "c1" / "truncated.jpg").write_bytes(truncated_jpeg())
     args = TINY + ["--data", str(root), "--out", str(tmp_path / "o"), "--workers", "2", "--batch-size", "8",
                    "--moco-k", "64", "--bn-splits", "2", "--max-steps", "100"]
-    assert_one_line_error(run_cli(args), "unreadable image", "truncated.jpg")
+    result = run_cli(args)
+    assert_one_line_error(result, "unreadable image", "truncated.jpg")
+    assert result.stderr.startswith("error: unreadable image ")  # not "error: pipeline.errors.DataError: ..."
 
 
 @pytest.mark.parametrize("flags, fragment", [
