@@ -110,11 +110,16 @@ def build_knn_monitor(cfg: TrainConfig, runtime: Runtime, amp_dtype) -> KnnMonit
     return KnnMonitor(bank, val, amp_dtype, k=r.knn_k, t=r.knn_t)
 
 
+LOG_LINE_EVERY_S = 60.0  # where stderr is a file (a scheduler's log), a progress line at most this often
+
+
 def progress_bar(enabled: bool) -> Progress:
+    """A live bar on a terminal; where stderr is a file the trainer writes plain lines instead (a bar would only
+    be drawn once, at the end)."""
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]:.4f}  {task.fields[img_s]:,.0f} img/s  lr {task.fields[lr]:.4g}"),
-        TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not enabled,
+        TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not (enabled and console.is_terminal),
     )
 
 
@@ -145,7 +150,7 @@ class Trainer:
         self.resumed_from: Path | None = None
         self.rank_state: dict | None = None  # this rank's part of a mid-epoch checkpoint, until the epoch starts
         self.last_checkpoint: tuple[Path, int, int] | None = None  # (path, epoch, step) of the newest one written
-        self.last_save_time = time.monotonic()
+        self.last_save_time = self.last_log_line = time.monotonic()
 
     # --- build and resume ---
 
@@ -227,15 +232,19 @@ class Trainer:
         written), TrainingDiverged on a non-finite loss (none written)."""
         cfg, runtime = self.cfg, self.runtime
         with self.signals, self.progress:
-            if self.resumed_from is None:
-                self.evaluate_init()
-            if runtime.is_main:
-                console.print(f"MoCo {cfg.model.arch} | loader {cfg.data.loader} | {runtime.device} "
-                              f"x{runtime.world_size} | {self.precision} | batch {cfg.optim.batch_size} | "
-                              f"K {cfg.model.moco_k} | {self.steps} steps/epoch")
-            while self.epoch < cfg.run.epochs:
-                self.run_epoch()
-                self.end_epoch()
+            try:
+                if self.resumed_from is None:
+                    self.evaluate_init()
+                if runtime.is_main:
+                    console.print(f"MoCo {cfg.model.arch} | loader {cfg.data.loader} | {runtime.device} "
+                                  f"x{runtime.world_size} | {self.precision} | batch {cfg.optim.batch_size} | "
+                                  f"K {cfg.model.moco_k} | {self.steps} steps/epoch")
+                while self.epoch < cfg.run.epochs:
+                    self.run_epoch()
+                    self.end_epoch()
+            except BaseException:
+                self.progress.live.transient = True  # the last line says why it stopped, no half bar after it
+                raise
         self.writer.wait()
         rows = self.run_dir.rows() if runtime.is_main else []
         knn_rows = [r for r in rows if r["knn_top1"] is not None]
@@ -316,8 +325,12 @@ class Trainer:
         if self.runtime.is_main:
             img_s = (self.step - self.first_step) * self.cfg.optim.batch_size / (time.perf_counter()
                                                                                  - self.epoch_start_time)
-            self.progress.update(self.task, completed=self.step, loss=float(self.loss_sum) / self.step, img_s=img_s,
-                                 lr=self.lr)
+            loss = float(self.loss_sum) / self.step
+            self.progress.update(self.task, completed=self.step, loss=loss, img_s=img_s, lr=self.lr)
+            if not console.is_terminal and time.monotonic() - self.last_log_line >= LOG_LINE_EVERY_S:
+                self.last_log_line = time.monotonic()
+                console.print(f"epoch {self.epoch + 1}/{self.cfg.run.epochs} step {self.step}/{self.steps}: "
+                              f"loss {loss:.4f}  {img_s:,.0f} img/s  lr {self.lr:.4g}")
         if self.step == self.steps:
             return
         if due or steps_due or stop:

@@ -64,7 +64,6 @@ def test_png_named_jpeg_and_cmyk_jpeg_are_read(odd_folder, tmp_path, backend):
 SCRIPT = """
 import sys
 sys.path.insert(0, {root!r})
-from conftest import requires_cuda
 from pipeline import build_loader
 loader = build_loader({backend!r}, {data!r}, batch_size=8, image_size=16, device="cpu", **{options!r})
 im_q, im_k, labels = next(iter(loader))
