@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up this checkout: system packages (when run as root), then a virtual environment in .venv with the
-# project and its loaders installed. Usage: ./setup.sh [--dev]   (--dev adds the test tools)
+# project and its loaders installed at the tested versions (constraints.txt).
+# Usage: ./setup.sh [--dev]   (--dev adds the test tools)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -25,5 +26,5 @@ extras="dali,ffcv"
 [ "${1:-}" = "--dev" ] && extras="$extras,dev"
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[$extras]"
+.venv/bin/python -m pip install -q -c constraints.txt -e ".[$extras]"
 echo "setup.sh: ready (.venv with extras: $extras)"

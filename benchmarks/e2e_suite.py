@@ -8,7 +8,6 @@ import argparse
 import dataclasses
 import statistics
 import tempfile
-import time
 
 import torch
 
@@ -19,13 +18,11 @@ from engine.trainer import Trainer, progress_bar
 from model.moco import no_stage
 
 
-class WaitTimedBatches:
-    """`steps` batches of a running loader, shaped like a loader for the trainer; adds up the time blocked in
-    next()."""
+class NextBatches:
+    """The next `steps` batches of a running loader, shaped like a loader for the trainer."""
 
     def __init__(self, batches, steps: int):
         self.batches, self.steps = batches, steps
-        self.wait_s = 0.0
 
     def __len__(self) -> int:
         return self.steps
@@ -35,10 +32,7 @@ class WaitTimedBatches:
 
     def __iter__(self):
         for _ in range(self.steps):
-            start = time.perf_counter()
-            batch = next(self.batches)
-            self.wait_s += time.perf_counter() - start
-            yield batch
+            yield next(self.batches)
 
 
 def benchmark_trainer(cfg: TrainConfig, out: str, batches: int) -> Trainer:
@@ -67,11 +61,11 @@ def measure_trainer(trainer: Trainer, cfg: TrainConfig, runtime: Runtime, backen
     batches = workload.endless(trainer.loader)
 
     def epoch_of(steps: int) -> float:
-        """The trainer's epoch loop over the next `steps` batches; returns the seconds it was blocked in next()."""
-        trainer.loader = feed = WaitTimedBatches(batches, steps)
+        """The trainer's epoch loop over the next `steps` batches; returns the seconds it waited for data."""
+        trainer.loader = NextBatches(batches, steps)
         trainer.steps, trainer.step = steps, 0
         trainer.run_epoch()
-        return feed.wait_s
+        return trainer.data_wait_s
 
     host.reset_device_peak(device)
     if opts.warmup:
@@ -88,7 +82,8 @@ def measure_trainer(trainer: Trainer, cfg: TrainConfig, runtime: Runtime, backen
         "stage_groups": {"end to end": ["data_wait", "step_and_loop"]},
         "totals": {"e2e_step_ms": e2e_ms, "data_wait_ms": wait_ms},
         "data_wait_fraction": wait_ms / e2e_ms,
-        "notes": ["data_wait: host time blocked in next(loader); on a GPU earlier steps may still be running then",
+        "notes": ["data_wait: the trainer's own measure, host time blocked in next(loader); on a GPU earlier steps "
+                  "may still be running then",
                   "run by the trainer's epoch loop: lr set every step, check-ins every --print-freq steps"],
     }
     if opts.trace:

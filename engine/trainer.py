@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import resource
 import time
 from pathlib import Path
 
@@ -28,9 +29,10 @@ from engine.config import ConfigError, TrainConfig, to_dict, validate
 from engine.cuda_graph import GraphedStep
 from engine.distributed import (Runtime, gather_on_main, init_runtime, max_over_ranks, pick_device, restart_hazard,
                                 shutdown, world_size_from_env)
-from engine.knn import KnnMonitor
+from evaluation.knn import KnnMonitor
 from engine.optim import build_optimizer, check_same_optimizer, learning_rate, set_learning_rate
 from engine.rundir import RunDir
+from engine.scalars import Scalars
 from engine.signals import StopSignals
 from engine.step import AMP_DTYPES, MocoStep, resolve_precision
 from model import MoCo, build_encoder
@@ -38,7 +40,7 @@ from model.moco import no_stage
 from pipeline import build_loader
 from pipeline.common import derive_seed
 from pipeline.errors import DataError
-from pipeline.torch_loader import build_eval_loader
+from evaluation.data import build_eval_loader
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -123,6 +125,14 @@ def progress_bar(enabled: bool) -> Progress:
     )
 
 
+def peak_device_mb(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
+def peak_host_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports kilobytes
+
+
 def first_line_of(error: Exception) -> str:
     """What a torch error says, in one line: 'Error(s) in loading state_dict for MoCo:' alone names nothing."""
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
@@ -151,6 +161,7 @@ class Trainer:
         self.rank_state: dict | None = None  # this rank's part of a mid-epoch checkpoint, until the epoch starts
         self.last_checkpoint: tuple[Path, int, int] | None = None  # (path, epoch, step) of the newest one written
         self.last_save_time = self.last_log_line = time.monotonic()
+        self.scalars = Scalars(None)  # rank 0's writes to OUT/tb once built
 
     # --- build and resume ---
 
@@ -189,6 +200,7 @@ class Trainer:
         self.knn = build_knn_monitor(cfg, runtime, self.amp_dtype)
         if runtime.is_main:
             self.run_dir.restart_metrics(self.epoch if checkpoint is not None else None)
+            self.scalars = Scalars(self.run_dir.path / "tb", resume_step=self.epoch * self.steps + self.step)
 
     def resume(self, checkpoint: dict, path: Path) -> None:
         """Model, queue, optimizer, scaler and position from `checkpoint`; for one cut inside an epoch, also this
@@ -259,6 +271,7 @@ class Trainer:
         try:
             self.writer.wait()
         finally:
+            self.scalars.close()
             self.run_dir.close()
             if self.owns_process_group:
                 shutdown()
@@ -267,6 +280,7 @@ class Trainer:
         knn = self.knn(self.moco.encoder_q) if self.knn else None
         if self.runtime.is_main:
             self.run_dir.append_metrics(dict(epoch=0, loss=None, knn_top1=knn, img_per_s=None, lr=None))
+            self.scalars.add(0, **{"epoch/knn_top1": knn})
             if knn is not None:
                 console.print(f"epoch 0 (random init): kNN top-1 {knn:.2f}%")
 
@@ -289,8 +303,8 @@ class Trainer:
         self.first_step, self.counter_at_first_step = start, int(self.train_step.counters.steps)
         self.task = self.progress.add_task(f"epoch {self.epoch + 1}/{cfg.run.epochs}", total=self.steps,
                                            completed=start, loss=float("nan"), img_s=0.0, lr=0.0)
-        self.epoch_start_time, self.lr = time.perf_counter(), 0.0
-        for i, (im_q, im_k, _) in enumerate(self.loader, start=start):
+        self.epoch_start_time, self.lr, self.data_wait_s = time.perf_counter(), 0.0, 0.0
+        for i, (im_q, im_k, _) in enumerate(self.waiting_for(self.loader), start=start):
             if i == self.steps:
                 break
             self.lr = learning_rate(cfg.optim, self.epoch + i / self.steps, cfg.run.epochs)
@@ -299,6 +313,24 @@ class Trainer:
             self.step = i + 1
             if self.check_in_due():
                 self.check_in()
+
+    def waiting_for(self, loader):
+        """The loader's batches, adding up the host time spent blocked in it: the loop waiting for data. No device
+        sync is added: on a GPU the host runs ahead of the queued steps, so it only blocks here when the loader
+        is behind."""
+        batches = iter(loader)
+        try:
+            while True:
+                start = time.perf_counter()
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    return
+                self.data_wait_s += time.perf_counter() - start
+                yield batch
+        finally:
+            if hasattr(batches, "close"):
+                batches.close()
 
     def check_in_due(self) -> bool:
         r = self.cfg.run
@@ -327,6 +359,8 @@ class Trainer:
                                                                                  - self.epoch_start_time)
             loss = float(self.loss_sum) / self.step
             self.progress.update(self.task, completed=self.step, loss=loss, img_s=img_s, lr=self.lr)
+            self.scalars.add(self.epoch * self.steps + self.step, **{"train/loss": loss, "train/lr": self.lr,
+                                                                     "train/img_per_s": img_s})
             if not console.is_terminal and time.monotonic() - self.last_log_line >= LOG_LINE_EVERY_S:
                 self.last_log_line = time.monotonic()
                 console.print(f"epoch {self.epoch + 1}/{self.cfg.run.epochs} step {self.step}/{self.steps}: "
@@ -355,15 +389,23 @@ class Trainer:
         loss = float(self.loss_sum) / self.steps
         elapsed = time.perf_counter() - self.epoch_start_time
         img_s = (self.steps - self.first_step) * cfg.optim.batch_size / elapsed
+        data_wait = self.data_wait_s / elapsed
         skipped = int(self.train_step.counters.skipped) - self.skipped_before
         self.epoch, self.step = self.epoch + 1, 0
         last = self.epoch == cfg.run.epochs
         knn = (self.knn(self.moco.encoder_q)
                if self.knn and (self.epoch % cfg.run.knn_every == 0 or last) else None)
         if runtime.is_main:
-            row = dict(epoch=self.epoch, loss=loss, knn_top1=knn, img_per_s=img_s, lr=self.lr, skipped_steps=skipped)
+            row = dict(epoch=self.epoch, loss=loss, knn_top1=knn, img_per_s=img_s, lr=self.lr, skipped_steps=skipped,
+                       data_wait=data_wait)
             self.run_dir.append_metrics(row)
-            self.progress.console.print(f"epoch {self.epoch}: loss {loss:.4f}  {img_s:,.0f} img/s"
+            self.scalars.add(self.epoch, **{"epoch/loss": loss, "epoch/knn_top1": knn, "epoch/img_per_s": img_s,
+                                            "epoch/data_wait_fraction": data_wait, "epoch/lr": self.lr,
+                                            "epoch/peak_device_mb": peak_device_mb(runtime.device),
+                                            "epoch/peak_host_rss_mb": peak_host_rss_mb()})
+            self.scalars.flush()
+            self.progress.console.print(f"epoch {self.epoch}: loss {loss:.4f}  {img_s:,.0f} img/s  "
+                                        f"waiting for data {100 * data_wait:.0f}%"
                                         + (f"  kNN top-1 {knn:.2f}%" if knn is not None else "")
                                         + (f"  ({skipped} steps skipped by the fp16 GradScaler: non-finite "
                                            f"gradients)" if skipped else ""))

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import train
-from engine.knn import knn_top1
+from evaluation.knn import knn_top1
 from evaluation import export, lincls
 from model.resnet import build_encoder
 

@@ -1,0 +1,36 @@
+"""TensorBoard scalars under OUT/tb, written by rank 0: what the progress line and metrics.jsonl say, over time.
+
+    tensorboard --logdir runs/moco/tb
+
+train/* every --print-freq steps (x: global step), epoch/* once an epoch (x: epoch). A resumed run purges what
+the interrupted one wrote after its checkpoint, so every curve is the run that is kept.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class Scalars:
+    def __init__(self, log_dir: Path | None, resume_step: int = 0):
+        self.writer = None
+        if log_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(log_dir), purge_step=resume_step or None)
+
+    def add(self, step: int, **values: float | None) -> None:
+        if self.writer is None:
+            return
+        for name, value in values.items():
+            if value is not None:
+                self.writer.add_scalar(name, value, step)
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
