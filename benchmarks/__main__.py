@@ -1,13 +1,16 @@
 """Throughput benchmarks: `python -m benchmarks SUITE [flags] [--json FILE] [--png FILE]`.
 
+    python -m benchmarks profile --data /imagenet --preset imagenet         # what limits training, what to run
     python -m benchmarks step --steps 10                                   # the default CPU model, 2 cores
     python -m benchmarks loader --backend torch synthetic --data fashion-mnist --png loaders.png
+    python -m benchmarks loader --backend dali --data /imagenet --loader-option decode=roi
     python -m benchmarks stages --preset imagenet --data /imagenet --backend dali --json stages.json
     python -m benchmarks step --preset imagenet --precision fp16 --compile --check-syncs --trace traces/
     torchrun --nproc_per_node 8 -m benchmarks step --preset imagenet       # all-gathers timed too
-    python -m benchmarks chart a.json b.json --png compare.png
+    python -m benchmarks chart benchmarks/results --png results.png
 
-Suites are in benchmarks/<suite>_suite.py; every one returns results that report.py prints and writes.
+The suites are registered in benchmarks/suites/__init__.py; every one returns records that core/report.py
+prints and writes in one schema, which core/chart.py draws.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import torch
 from rich.console import Console
 
 import train
-from benchmarks import chart, host, options, report
+from benchmarks.core import chart, host, options, report
+from benchmarks.suites import SUITES
 from engine.distributed import init_runtime, pick_device, shutdown
 from engine.step import resolve_precision
 
@@ -32,7 +36,7 @@ def run_suite(suite: str, opts, cfg, command: list[str], console: Console) -> No
         runtime = init_runtime(pick_device(cfg.run.device), cfg.run.dist_timeout_minutes)
         try:
             precision = resolve_precision(cfg.step.precision, runtime.device)
-            module = importlib.import_module(f"benchmarks.{suite}_suite")
+            module = importlib.import_module(SUITES[suite][0])
             results = module.run(cfg, runtime, precision, opts)
             if not runtime.is_main:
                 return
@@ -41,8 +45,8 @@ def run_suite(suite: str, opts, cfg, command: list[str], console: Console) -> No
                 report.print_record(record, console)
             if opts.json:
                 report.write_json(opts.json, doc)
-            if opts.png:
-                chart.write_chart(report.records(doc), opts.png)
+            if opts.png:  # a suite may draw its own chart
+                getattr(module, "write_chart", chart.write_chart)(report.records(doc), opts.png)
         finally:
             shutdown()
             torch.backends.cudnn.benchmark = cudnn_benchmark

@@ -32,6 +32,8 @@ class DataConfig:
     aug: str = _opt("v2", "augmentation recipe: v1 (MoCo aug), v2 (MoCo v2 aug+)")
     workers: Optional[int] = _opt(None, "loader worker processes/threads per rank (default: cores - 1, at most 8)")
     knn_data: Optional[str] = _opt(None, "labelled data for the kNN monitor (default: --data unless it is a .beton)")
+    loader_option: tuple[str, ...] = _opt((), "KEY=VALUE options of the loader, e.g. decode=roi hw_decoder_load=0.75 "
+                                              "(dali), order=random decode=twice (ffcv)")
 
 
 @dataclass
@@ -170,8 +172,9 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     sections = {}
     for section_name, section_type in _sections():
         values = {f.name: args[f.name] for f in dataclasses.fields(section_type)}
-        if "lr_steps" in values:
-            values["lr_steps"] = tuple(values["lr_steps"])
+        for name in ("lr_steps", "loader_option"):
+            if name in values:
+                values[name] = tuple(values[name])
         sections[section_name] = section_type(**values)
     return TrainConfig(**sections)
 
@@ -198,6 +201,7 @@ def validate(cfg: TrainConfig, world_size: int, device_type: str = "cpu") -> Non
         raise ConfigError("no --data given (an ImageFolder root, 'fashion-mnist', or a .beton for --loader ffcv)")
     if cfg.step.cuda_graphs:
         _check_capturable(cfg, world_size, device_type)
+    _check_loader_options(cfg)
 
 
 def _check_ranges(cfg: TrainConfig) -> None:
@@ -243,6 +247,44 @@ def _check_capturable(cfg: TrainConfig, world_size: int, device_type: str) -> No
                           "the device, which a graph can replay (the others read it on the host)")
     if cfg.step.compile:
         raise ConfigError("--cuda-graphs and --compile: choose one (the graph already replays the whole step)")
+
+
+def loader_options(cfg: TrainConfig) -> dict[str, object]:
+    """--loader-option as keyword arguments of the loader's build function (numbers and true/false converted)."""
+    options = {}
+    for text in cfg.data.loader_option:
+        key, sep, value = text.partition("=")
+        if not sep or not key.isidentifier():
+            raise ConfigError(f"--loader-option takes KEY=VALUE, not {text!r}")
+        options[key] = _option_value(value)
+    return options
+
+
+def _option_value(text: str):
+    for parse in (int, float):
+        try:
+            return parse(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
+
+
+def _check_loader_options(cfg: TrainConfig) -> None:
+    import importlib
+    import inspect
+
+    from pipeline import LOADERS
+
+    options = loader_options(cfg)
+    if not options:
+        return
+    accepted = inspect.signature(importlib.import_module(LOADERS[cfg.data.loader]).build).parameters
+    fixed = {"data", "batch_size", "image_size", "device", "aug", "rank", "world_size", "seed", "dtype",
+             "num_workers", "steps"}  # the loader contract, --workers, --max-steps
+    for key in options:
+        if key not in accepted or key in fixed:
+            valid = ", ".join(k for k in accepted if k not in fixed)
+            raise ConfigError(f"--loader-option {key}: the {cfg.data.loader} loader takes {valid or 'no options'}")
 
 
 def to_dict(cfg: TrainConfig) -> dict:

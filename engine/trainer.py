@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from engine.checkpoint import CheckpointError, CheckpointWriter, load_checkpoint, to_host, with_prefix, without_prefix
-from engine.config import ConfigError, TrainConfig, to_dict, validate
+from engine.config import ConfigError, TrainConfig, loader_options, to_dict, validate
 from engine.cuda_graph import GraphedStep
 from engine.distributed import (Runtime, gather_on_main, init_runtime, max_over_ranks, pick_device, restart_hazard,
                                 shutdown, world_size_from_env)
@@ -186,12 +186,12 @@ class Trainer:
         self.train_step = build_step(cfg, runtime, self.model, self.optimizer, self.precision)
         if checkpoint is not None:
             self.resume(checkpoint, path)
-        loader_options = ({"steps": cfg.run.max_steps or 100} if cfg.data.loader == "synthetic"
-                          else {"num_workers": cfg.data.workers})
+        options = ({"steps": cfg.run.max_steps or 100} if cfg.data.loader == "synthetic"
+                   else {"num_workers": cfg.data.workers, **loader_options(cfg)})
         self.loader = build_loader(
             cfg.data.loader, cfg.data.data, batch_size=cfg.optim.batch_size // runtime.world_size,
             image_size=cfg.data.image_size, device=runtime.device, aug=cfg.data.aug, rank=runtime.rank,
-            world_size=runtime.world_size, seed=cfg.run.seed, dtype=self.amp_dtype or torch.float32, **loader_options)
+            world_size=runtime.world_size, seed=cfg.run.seed, dtype=self.amp_dtype or torch.float32, **options)
         self.steps = min(len(self.loader), cfg.run.max_steps or len(self.loader))
         if checkpoint is not None and self.step and checkpoint.get("steps_per_epoch") != self.steps:
             raise CheckpointError(f"checkpoint {path} was cut inside an epoch of {checkpoint.get('steps_per_epoch')} "

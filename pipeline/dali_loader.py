@@ -211,8 +211,8 @@ def jpeg_views(jpegs, recipe: AugRecipe, image_size: int, gpu: bool, decode: str
 
     "once" is the default: both crops of an image need most of its entropy-coded data anyway (ROI decoding skips
     the IDCT outside the crop, not the Huffman decoding before it), so two ROI decodes do more work than one full one.
-    On CPU threads "once" reads 1.4x as many images per second at 224 px; `benchmarks/dali_gpu.py` times both on a
-    GPU, where none was available to us.
+    On CPU threads "once" reads 1.4x as many images per second at 224 px; on a GPU,
+    `python -m benchmarks loader --backend dali --loader-option decode=roi` times the other (no GPU figure yet).
     """
     device = "mixed" if gpu else "cpu"
     options = decoder_options if gpu else {}  # nvJPEG preallocation and the hardware decoder are mixed-only

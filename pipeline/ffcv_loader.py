@@ -5,7 +5,7 @@ and ratio), and copy the uint8 views to the device; there `pipeline.gpu_augment`
 and normalises both views in one batched pass. Two decode strategies:
   once   (default) `TwoViewCropDecoder`: one JPEG decode, two crops from it, both views in one (2, H, W, 3)
          sample: 29-33% less host CPU than `twice` on all-JPEG .betons, 10-17% on half-raw ones
-         (benchmarks/results/ffcv_cpu_cost.json).
+         (benchmarks/results/ffcv_cost_cpu.json).
   twice  FFCV's stock layout: two `PipelineSpec('image', ...)` views, each a RandomResizedCropRGBImageDecoder,
          so each view decodes the image again.
 The flip is on the GPU rather than in FFCV because FFCV's RandomHorizontalFlip copies every image, flipped or

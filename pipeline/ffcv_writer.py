@@ -11,7 +11,7 @@ stored at its native 28x28; the loader's random crop resizes to the training siz
 
 The default 512 px keeps ImageNet's typical 500x375 images whole, so the crops are those of the original
 images. 256 px cuts the CPU cost of loading about fivefold (0.35 against 1.67 ms per image for two 224 px views,
-benchmarks/results/ffcv_cpu_cost.json) but leaves a 0.2-area crop about 110x85 px, upsampled twofold to 224.
+benchmarks/results/ffcv_cost_cpu.json) but leaves a 0.2-area crop about 110x85 px, upsampled twofold to 224.
 Progress is FFCV's own bar; the file's size and the images/s of the write are printed at the end.
 
 FFCV's writer forks worker processes, then waits for their count of written samples: forever, if one of them

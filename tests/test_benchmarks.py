@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from benchmarks.__main__ import main
-from benchmarks.imagenet_like import generate
+from benchmarks.tools.imagenet_like import generate
 
 # One thread: on a shared 2-core machine it is the steadiest setting (see --threads).
 TINY = ["--arch", "resnet_mini_cifar", "--batch-size", "16", "--image-size", "16", "--moco-k", "64",
@@ -127,3 +127,49 @@ def test_checkpoint_suite_measures_the_save(tmp_path):
     stages = doc["stages"]
     assert doc["checkpoint_mb"] > 0 and stages["background_write"] > 0 and 0 < stages["loop_pause"]
     assert stages["step_alone"] > 0
+
+
+PROFILE = ["--backend", "torch", "--max-workers", "1", "--precision", "bf16", "--batch-size", "16", "--image-size", "16",
+           "--moco-k", "64", "--steps", "3", "--warmup", "1", "--repeats", "2", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def large_jpegs(tmp_path_factory) -> Path:
+    """ImageNet-sized JPEGs: decoding them costs far more than a step of the tiny model at 16 px."""
+    return generate(tmp_path_factory.mktemp("large_jpegs"), 64, classes=2, seed=0)
+
+
+def assert_profile(doc: dict, bound: str) -> None:
+    from engine.config import parse_config, validate
+
+    assert doc["suite"] == "profile" and doc["verdict"]["bound"] == bound, doc["verdict"]
+    assert {"evidence", "advice", "e2e_over_step", "cores_needed", "cores"} <= set(doc["verdict"])
+    assert doc["step_images_per_s"] > 0 and doc["loader_images_per_s"] > 0 and doc["images_per_s"] > 0
+    assert [s["workers"] for s in doc["sweep"]] == [1] and doc["sweep"][0]["backend"] == "torch"
+    command = doc["recommended_command"]
+    assert command[:2] == ["python", "train.py"] and "--loader" in command and "--workers" in command
+    validate(parse_config(command[2:]), 1)  # train.py's own flags, a setting that can work
+
+
+def profile(tmp_path: Path, *args: str) -> dict:
+    assert main(["profile", *PROFILE, *args, "--json", str(tmp_path / "profile.json")]) == 0
+    return json.loads((tmp_path / "profile.json").read_text())
+
+
+def test_profile_says_loader_bound_behind_jpeg_decoding(large_jpegs, tmp_path):
+    doc = profile(tmp_path, "--data", str(large_jpegs), "--cores", "64", "--png", str(tmp_path / "profile.png"))
+    assert_profile(doc, "loader")
+    assert doc["loader_images_per_s"] < doc["step_images_per_s"] and doc["verdict"]["cores_needed"] < 64
+    assert_valid_png(tmp_path / "profile.png")
+
+
+def test_profile_says_step_bound_under_a_heavy_model(tmp_path):
+    doc = profile(tmp_path, "--arch", "resnet18_cifar", "--bn-splits", "2")
+    assert_profile(doc, "step")
+    assert doc["loader_images_per_s"] > doc["step_images_per_s"]
+
+
+def test_chart_reads_every_committed_result(tmp_path):
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    assert main(["chart", str(results), "--png", str(tmp_path / "all.png")]) == 0
+    assert_valid_png(tmp_path / "all.png")

@@ -15,7 +15,7 @@ from nvidia.dali import fn, pipeline_def
 from PIL import Image, ImageFilter
 from scipy import stats
 
-from benchmarks.imagenet_like import generate
+from benchmarks.tools.imagenet_like import generate
 from pipeline import build_loader, dali_loader
 from pipeline.augs import IMAGENET_MEAN, IMAGENET_STD, get_recipe
 from pipeline.datasets import FASHION_MNIST_DIR, resolve_dataset

@@ -14,8 +14,8 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from scipy import stats
 
-from benchmarks.diagnostics import HostReads
-from benchmarks.host import torch_threads
+from benchmarks.core.diagnostics import HostReads
+from benchmarks.core.host import torch_threads
 from conftest import requires_cuda
 from pipeline.augs import get_recipe
 from pipeline.gpu_augment import (BLUR_TRUNCATE, BRIGHTNESS, CONTRAST, SATURATION, TwoViewAugment, adjust_hue,

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from benchmarks.diagnostics import HostReads
+from benchmarks.core.diagnostics import HostReads
 from engine.config import OptimConfig
 from engine.optim import LARS, build_optimizer, learning_rate
 from engine.step import MocoStep, resolve_precision

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import train
-from benchmarks.diagnostics import HostReads
-from benchmarks.options import parse as parse_benchmark
+from benchmarks.core.diagnostics import HostReads
+from benchmarks.core.options import parse as parse_benchmark
 from engine.checkpoint import load_checkpoint
 from engine.config import OptimConfig, StepConfig, parse_config
 from engine.trainer import Trainer

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from benchmarks.timing import synchronize
+from benchmarks.core.timing import synchronize
 
 # ATen ops whose result the host must read (a value, or an output size that depends on the data): on a GPU
 # each one waits for the device. The CPU dispatches the same ops, so they can be caught there too.

@@ -1,10 +1,10 @@
 """Host CPU-seconds per image: the FFCV loader's CPU half against the reference torch loader, same two views.
 
-    python -m benchmarks.ffcv_cpu_cost [--images 2000] [--epochs 3] [--threads 1 2] [--data DIR] [--json FILE]
+    python -m benchmarks ffcv-cost [--images 2000] [--repeats 3] [--thread-counts 1 2] [--data DIR] [--json FILE]
 
-An ImageNet-like JPEG set (`benchmarks.imagenet_like`, or --data) is read at 224 px, batch 64, two views per
-image; each side's cost is this process's CPU time, threads included, over an epoch, divided by its images
-(median over --epochs epochs, after one warm-up epoch that also compiles FFCV's pipeline):
+An ImageNet-like JPEG set (`benchmarks.tools.imagenet_like`, or --data) is read at 224 px, batch 64, two views
+per image; each side's cost is this process's CPU time, threads included, over an epoch, divided by its images
+(median over --repeats epochs, after one warm-up epoch that also compiles FFCV's pipeline):
 
   torch v2         the reference loader's host work: PIL decode, RandomResizedCrop, aug+ (jitter, grayscale,
                    PIL blur), flip, ToTensor, Normalize, collate; in this process with one torch thread, as in
@@ -25,32 +25,28 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numba
 import numpy as np
 import torch
 from ffcv.loader import Loader, OrderOption
 from ffcv.transforms import RandomHorizontalFlip
 from PIL import Image
-from rich.console import Console
-from rich.table import Table
 
-from benchmarks import host
-from benchmarks.imagenet_like import generate
+from benchmarks.core import host
+from benchmarks.tools.imagenet_like import generate
+from engine.config import TrainConfig
+from engine.distributed import Runtime
 from pipeline.augs import get_recipe
 from pipeline.ffcv_loader import (DECODES, field_values, label_pipeline, make_ffcv_loader, read_beton,
                                   resolve_order, view_pipelines)
 from pipeline.ffcv_writer import IMAGE_FIELD, LABEL_FIELD, write_beton
 from pipeline.torch_loader import build as build_torch_loader
 
-RESULTS = Path(__file__).parent / "results"
 IMAGE_SIZE, BATCH_SIZE = 224, 64
 # (name, --max-resolution, --compress-probability) of the .betons measured.
 BETONS = (("ffcv 256px, 50% JPEG", 256, 0.5), ("ffcv 256px, all JPEG", 256, 1.0),
@@ -63,12 +59,6 @@ class Side:
     stored: str
     cpu_s_per_image: list[float]
     images_per_s: list[float]
-
-    def summary(self) -> dict:
-        return {"side": self.name, "stored": self.stored,
-                "cpu_ms_per_image": statistics.median(self.cpu_s_per_image) * 1e3,
-                "cpu_ms_per_image_epochs": [s * 1e3 for s in self.cpu_s_per_image],
-                "images_per_s": statistics.median(self.images_per_s)}
 
 
 def measure_epochs(batches, epochs: int) -> tuple[list[float], list[float]]:
@@ -129,7 +119,7 @@ def jpeg_folder_description(root: Path) -> str:
             f"{megabytes:.0f} MiB")
 
 
-def run(data: Path, work: Path, thread_counts: list[int], epochs: int) -> list[Side]:
+def sides_of(data: Path, work: Path, thread_counts: list[int], epochs: int) -> list[Side]:
     stored = jpeg_folder_description(data)
     crop_flip_only = dataclasses.replace(get_recipe("v2"), jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0)
     sides = [torch_side("torch v2", data, "v2", stored, epochs),
@@ -144,54 +134,33 @@ def run(data: Path, work: Path, thread_counts: list[int], epochs: int) -> list[S
     return sides
 
 
-def print_table(results: list[dict], console: Console) -> None:
-    table = Table(title=f"host CPU per image, two {IMAGE_SIZE} px views (median over epochs)")
-    for column in ("side", "stored", "CPU ms/image", "vs torch v2", "vs torch crop+flip", "images/s"):
-        table.add_column(column)
-    for r in results:
-        table.add_row(r["side"], r["stored"], f"{r['cpu_ms_per_image']:.2f}", f"{r['fraction_of_torch_v2']:.3f}",
-                      f"{r['fraction_of_torch_crop_flip']:.3f}", f"{r['images_per_s']:.0f}")
-    console.print(table)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=2000, help="JPEGs to generate (default 2000)")
-    parser.add_argument("--data", type=Path, default=None, help="an ImageFolder of JPEGs instead of generating one")
-    parser.add_argument("--epochs", type=int, default=3, help="measured epochs per side (default 3)")
-    parser.add_argument("--threads", type=int, nargs="+", default=None,
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--images", type=int, default=2000,
+                        help="ImageNet-like JPEGs to generate when --data is not an image folder")
+    parser.add_argument("--thread-counts", type=int, nargs="+", default=None,
                         help="FFCV thread counts to measure (default: 1 and all cores)")
-    parser.add_argument("--json", type=Path, default=RESULTS / "ffcv_cpu_cost.json")
-    args = parser.parse_args(argv)
-    thread_counts = args.threads or sorted({1, len(os.sched_getaffinity(0))})
-    load_before = os.getloadavg()[0]
-    with tempfile.TemporaryDirectory(prefix="ffcv_cpu_cost_") as tmp:
+
+
+def run(cfg: TrainConfig, runtime: Runtime, precision: str, opts: argparse.Namespace) -> list[dict]:
+    thread_counts = opts.thread_counts or sorted({1, len(os.sched_getaffinity(0))})
+    with tempfile.TemporaryDirectory(prefix="ffcv_cost_") as tmp:
         work = Path(tmp)
-        data = args.data or generate(work / "jpegs", args.images, seed=0, show_progress=True)
-        sides = run(data, work, thread_counts, args.epochs)
-    results = [side.summary() for side in sides]
-    reference = {r["side"]: r["cpu_ms_per_image"] for r in results}
-    for r in results:
-        r["fraction_of_torch_v2"] = r["cpu_ms_per_image"] / reference["torch v2"]
-        r["fraction_of_torch_crop_flip"] = r["cpu_ms_per_image"] / reference["torch crop+flip"]
-    print_table(results, Console())
-    doc = {
-        "benchmark": "ffcv_cpu_cost",
-        "command": "python -m benchmarks.ffcv_cpu_cost " + " ".join(sys.argv[1:] if argv is None else argv),
-        "device": host.device_name(torch.device("cpu")),
-        "versions": {**host.versions(), "numba": numba.__version__, "pillow": Image.__version__,
-                     "numba_threading_layer": numba.threading_layer()},
-        "settings": {"image_size": IMAGE_SIZE, "batch_size": BATCH_SIZE, "views_per_image": 2,
-                     "ffcv_threads": thread_counts, "torch_threads": 1, "measured_epochs": args.epochs,
-                     "statistic": "median over epochs of process CPU seconds (all threads) / images"},
-        "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
-        "target": "ffcv CPU per image <= 1/10 of torch v2",
-        "results": results,
-    }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(doc, indent=2) + "\n")
-    print(f"wrote {args.json}")
-
-
-if __name__ == "__main__":
-    main()
+        data = Path(cfg.data.data) if Path(cfg.data.data).is_dir() else generate(work / "jpegs", opts.images,
+                                                                                  seed=0, show_progress=True)
+        sides = sides_of(data, work, thread_counts, opts.repeats)
+    reference = {side.name: statistics.median(side.cpu_s_per_image) for side in sides}
+    return [{
+        "backend": side.name,
+        "images_per_s": statistics.median(side.images_per_s),
+        "cpu_s_per_image": statistics.median(side.cpu_s_per_image),
+        "peak_host_rss_mb": host.peak_rss_mb(),
+        "peak_device_mb": None,
+        "stages": {"cpu_ms_per_image": 1e3 * statistics.median(side.cpu_s_per_image)},
+        "stage_groups": {"host CPU per image, two 224 px views": ["cpu_ms_per_image"]},
+        "stored": side.stored,
+        "cpu_ms_per_image_epochs": [1e3 * c for c in side.cpu_s_per_image],
+        "fraction_of_torch_v2": statistics.median(side.cpu_s_per_image) / reference["torch v2"],
+        "fraction_of_torch_crop_flip": statistics.median(side.cpu_s_per_image) / reference["torch crop+flip"],
+        "notes": [f"median over {opts.repeats} epochs of process CPU seconds (all threads) / images; "
+                  f"target: ffcv <= 1/10 of torch v2", f"FFCV thread counts {thread_counts}, torch threads 1"],
+    } for side in sides]

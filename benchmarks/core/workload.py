@@ -5,17 +5,16 @@ config, as they do for train.py.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 
 import torch
 
-from benchmarks import host, timing
-from engine.config import TrainConfig, validate
+from benchmarks.core import host, timing
+from engine.config import TrainConfig, loader_options, validate
 from engine.distributed import Runtime
 from engine.optim import build_optimizer
 from engine.step import AMP_DTYPES
-from engine.trainer import build_model, build_step
+from engine.trainer import Trainer, build_model, build_step, progress_bar
 from pipeline import build_loader
 
 
@@ -37,7 +36,8 @@ def per_rank_batch(cfg: TrainConfig, runtime: Runtime) -> int:
 
 def loader(cfg: TrainConfig, runtime: Runtime, precision: str, batches: int):
     """train.py's loader for `cfg.data.loader`; a synthetic one is made `batches` long."""
-    options = {"steps": batches} if cfg.data.loader == "synthetic" else {"num_workers": cfg.data.workers}
+    options = ({"steps": batches} if cfg.data.loader == "synthetic" else {"num_workers": cfg.data.workers,
+                                                                        **loader_options(cfg)})
     return build_loader(cfg.data.loader, cfg.data.data, batch_size=per_rank_batch(cfg, runtime),
                         image_size=cfg.data.image_size, device=runtime.device, aug=cfg.data.aug, rank=runtime.rank,
                         world_size=runtime.world_size, seed=cfg.run.seed, dtype=input_dtype(precision), **options)
@@ -57,6 +57,16 @@ def moco_step(cfg: TrainConfig, runtime: Runtime, precision: str):
     moco, model = build_model(cfg, runtime)
     optimizer = build_optimizer(cfg.optim, moco.parameters())
     return moco, build_step(cfg, runtime, model, optimizer, precision)
+
+
+def benchmark_trainer(cfg: TrainConfig, out: str, batches: int) -> Trainer:
+    """A trainer for `cfg` that writes nothing worth keeping: no kNN monitor, no checkpoints, a scratch folder."""
+    run = dataclasses.replace(cfg.run, out=out, knn_every=0, checkpoint_minutes=0, checkpoint_steps=0, resume=None,
+                              max_steps=batches if cfg.data.loader == "synthetic" else None)
+    trainer = Trainer(dataclasses.replace(cfg, run=run))
+    trainer.build()
+    trainer.progress = progress_bar(False)
+    return trainer
 
 
 def throughput_record(backend: str, windows: list, cfg: TrainConfig, runtime: Runtime, workers_rss_mb: float) -> dict:

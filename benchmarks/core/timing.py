@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from benchmarks import host
+from benchmarks.core import host
 
 
 def synchronize(device: torch.device) -> None:

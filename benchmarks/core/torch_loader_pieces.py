@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from benchmarks import host, timing, workload
+from benchmarks.core import host, timing, workload
 from engine.config import TrainConfig
 from engine.distributed import Runtime
 from pipeline.augs import get_recipe

@@ -11,10 +11,10 @@ import tempfile
 
 import torch
 
-from benchmarks import diagnostics, host, timing, workload
+from benchmarks.core import diagnostics, host, timing, workload
 from engine.config import TrainConfig
 from engine.distributed import Runtime
-from engine.trainer import Trainer, progress_bar
+from engine.trainer import Trainer
 from model.moco import no_stage
 
 
@@ -35,21 +35,11 @@ class NextBatches:
             yield next(self.batches)
 
 
-def benchmark_trainer(cfg: TrainConfig, out: str, batches: int) -> Trainer:
-    """A trainer for `cfg` that writes nothing worth keeping: no kNN monitor, no checkpoints, a scratch folder."""
-    run = dataclasses.replace(cfg.run, out=out, knn_every=0, checkpoint_minutes=0, checkpoint_steps=0, resume=None,
-                              max_steps=batches if cfg.data.loader == "synthetic" else None)
-    trainer = Trainer(dataclasses.replace(cfg, run=run))
-    trainer.build()
-    trainer.progress = progress_bar(False)
-    return trainer
-
-
 def measure(cfg: TrainConfig, runtime: Runtime, precision: str, backend: str, opts: argparse.Namespace) -> dict:
     cfg = workload.for_backend(cfg, backend, runtime)
     device = runtime.device
     with tempfile.TemporaryDirectory() as out:
-        trainer = benchmark_trainer(cfg, out, opts.warmup + opts.steps * opts.repeats)
+        trainer = workload.benchmark_trainer(cfg, out, opts.warmup + opts.steps * opts.repeats)
         try:
             result = measure_trainer(trainer, cfg, runtime, backend, opts, device)
         finally:

@@ -16,7 +16,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks import host
+from benchmarks.core import host
 from engine.config import TrainConfig
 from engine.distributed import Runtime
 
@@ -53,13 +53,18 @@ def records(doc: dict) -> list[dict]:
 def label(record: dict) -> str:
     """A short name for a run: suite, backend, size, precision, and where it departs from train.py's settings."""
     c = record["config"]
-    departures = (("no-channels-last", not c["channels_last"]), ("compile", c["compile"]),
-                  ("foreach-sgd", not c["fused_sgd"]), ("cudnn-benchmark", c["cudnn_benchmark"]),
+    departures = (("no-channels-last", not c.get("channels_last", True)), ("compile", c.get("compile", False)),
+                  ("foreach-sgd", not c.get("fused_sgd", True)), ("cudnn-benchmark", c.get("cudnn_benchmark", False)),
+                  ("cuda-graphs", c.get("cuda_graphs", False)),
                   # results written before the fused loss existed used the concatenated logits
-                  ("concat-logits-loss", record["suite"] != "loader" and not c.get("fused_loss", False)))
-    model = "" if record["suite"] == "loader" else f" {c['arch']}"
+                  ("concat-logits-loss", record["suite"] == "step" and not c.get("fused_loss", False)))
+    model = f" {c['arch']}" if record["suite"] in ("step", "e2e", "stages", "train", "checkpoint") else ""
     return " ".join([f"{record['suite']}:{record['backend']}{model} b{c['batch_size']} {c['image_size']}px",
                      c["precision"], *(name for name, departs in departures if departs)])
+
+
+def cpu_ms(record: dict) -> str:
+    return "n/a" if record.get("cpu_s_per_image") is None else f"{1e3 * record['cpu_s_per_image']:.3f}"
 
 
 def figures(record: dict) -> list[tuple[str, str]]:
@@ -68,7 +73,7 @@ def figures(record: dict) -> list[tuple[str, str]]:
     rows = [("device", f"{record['device']} x{c['world_size']}"),
             ("run", f"{model}batch {c['batch_size']}, {c['image_size']} px, {c['precision']}, {c['workers']} workers"),
             ("images/s", f"{record['images_per_s']:,.1f}"),
-            ("host CPU ms per image", f"{1e3 * record['cpu_s_per_image']:.3f}")]
+            ("host CPU ms per image", cpu_ms(record))]
     for key, name in (("loader_images_per_s", "loader alone, images/s"), ("step_images_per_s", "step alone, images/s")):
         if key in record:
             rows.append((name, f"{record[key]:,.1f}"))
@@ -76,10 +81,11 @@ def figures(record: dict) -> list[tuple[str, str]]:
         rows.append(("checkpoint size", f"{record['checkpoint_mb']:,.0f} MB"))
     if "data_wait_fraction" in record:
         rows.append(("time blocked on the loader", f"{100 * record['data_wait_fraction']:.1f}%"))
-    rows.append(("peak host RSS (main process, whole run)", f"{record['peak_host_rss_mb']:,.0f} MB"))
+    if record.get("peak_host_rss_mb") is not None:
+        rows.append(("peak host RSS (main process, whole run)", f"{record['peak_host_rss_mb']:,.0f} MB"))
     if record.get("workers_rss_mb"):
         rows.append(("loader workers' RSS", f"{record['workers_rss_mb']:,.0f} MB"))
-    device_peak = record["peak_device_mb"]
+    device_peak = record.get("peak_device_mb")
     rows.append(("peak device memory", "n/a (CPU)" if device_peak is None else f"{device_peak:,.0f} MB"))
     if "sync_check" in record:
         rows.append(("host syncs in the step", f"{record['sync_check']['status']}: {record['sync_check']['note']}"))
@@ -92,7 +98,7 @@ def print_record(record: dict, console: Console) -> None:
     table.add_column("stage")
     table.add_column("ms per step", justify="right")
     table.add_column("share of group", justify="right")
-    for group, names in record["stage_groups"].items():
+    for group, names in record.get("stage_groups", {}).items():
         group_sum = sum(record["stages"][n] for n in names)
         for i, name in enumerate(names):
             ms = record["stages"][name]
@@ -117,5 +123,5 @@ def print_comparison(rows: list[dict], console: Console) -> None:
     table.add_column("images/s", justify="right")
     table.add_column("host CPU ms/image", justify="right")
     for r in rows:
-        table.add_row(label(r), f"{r['images_per_s']:,.1f}", f"{1e3 * r['cpu_s_per_image']:.3f}")
+        table.add_row(label(r), f"{r['images_per_s']:,.1f}", cpu_ms(r))
     console.print(table)

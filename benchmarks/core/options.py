@@ -1,27 +1,23 @@
-"""The command line: benchmark flags here, every model/data/optimiser flag from train.py's own parser.
+"""The command line: measurement flags here, every model/data/optimiser/step flag from train.py's own parser.
 
 Taking train.py's flags (and presets) as they are means a benchmark measures exactly the run that the same
 flags would train: `--preset imagenet` gives the paper's ResNet-50 recipe, the default the 2-core CPU one.
+Suites add flags of their own (`add_flags`); `chart` takes result files.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 from pathlib import Path
 
 from engine.config import ConfigError, TrainConfig, parse_config
 from engine.config import build_parser as build_train_parser
-from pipeline.torch_loader import default_workers
+from benchmarks.suites import SUITES
+from pipeline.common import default_workers
 
-SUITES = {
-    "loader": "a loader alone: images/s, host CPU-seconds per image, peak host and device memory",
-    "step": "the MoCo step alone on synthetic on-device batches: images/s and ms per stage",
-    "e2e": "loader plus step, through train.py's own epoch loop: images/s and time blocked on the loader",
-    "stages": "one table: the loader's pieces, every step stage, the step and end-to-end totals",
-    "checkpoint": "what a checkpoint costs the run: size, the loop's pause, the background write, slower steps",
-    "chart": "a PNG from JSON results: stacked stage breakdowns and images/s per run",
-}
+CHART_HELP = "a PNG from any JSON results: stacked stage breakdowns and images/s per run"
 
 TRAIN_FLAGS_NOTE = (
     "Model, data and optimiser flags are train.py's (python train.py --help), with its presets: e.g. --preset "
@@ -44,8 +40,8 @@ def count(minimum: int):
 
 def add_measurement_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", nargs="+", default=None, metavar="NAME",
-                        help="loader backend(s): torch dali ffcv synthetic (default: train.py's --loader); "
-                             "the loader suite takes several")
+                        help="loader backend(s), as --loader (default: train.py's --loader); the loader and "
+                             "profile suites take several")
     parser.add_argument("--steps", type=count(1), default=20, help="timed steps (batches) per repeat")
     parser.add_argument("--warmup", type=count(0), default=5, help="untimed steps first (compilation, worker start)")
     parser.add_argument("--repeats", type=count(1), default=3, help="timed windows; images/s is their median")
@@ -61,18 +57,23 @@ def add_measurement_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--png", type=Path, metavar="FILE", help="write a chart of the results here")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
+    """Every suite's parser; the `selected` suite's module is imported for flags of its own (only that one: some
+    import FFCV or kornia)."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description="Throughput benchmarks of fast-moco.",
                                      epilog=TRAIN_FLAGS_NOTE)
     suites = parser.add_subparsers(dest="suite", required=True, metavar="SUITE")
-    for name, help_text in SUITES.items():
+    for name, (module, help_text) in SUITES.items():
         sub = suites.add_parser(name, help=help_text, description=help_text, allow_abbrev=False,
-                                epilog=None if name == "chart" else TRAIN_FLAGS_NOTE)
-        if name == "chart":
-            sub.add_argument("results", nargs="+", type=Path, help="JSON files written by --json")
-            sub.add_argument("--png", type=Path, required=True, metavar="FILE", help="the chart to write")
-        else:
-            add_measurement_flags(sub)
+                                epilog=TRAIN_FLAGS_NOTE)
+        add_measurement_flags(sub)
+        add_flags = getattr(importlib.import_module(module), "add_flags", None) if name == selected else None
+        if add_flags:
+            add_flags(sub)
+    chart = suites.add_parser("chart", help=CHART_HELP, description=CHART_HELP, allow_abbrev=False)
+    chart.add_argument("results", nargs="+", type=Path, help="JSON files written by --json (folders: every JSON in "
+                                                            "them)")
+    chart.add_argument("--png", type=Path, required=True, metavar="FILE", help="the chart to write")
     return parser
 
 
@@ -97,7 +98,7 @@ def check_writable(path: Path | None, flag: str) -> None:
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, TrainConfig | None]:
     """The benchmark flags, and the TrainConfig that the remaining (train.py) flags give; None for `chart`."""
-    parser = build_parser()
+    parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
     opts, train_argv = parser.parse_known_args(argv)
     check_writable(getattr(opts, "json", None), "--json")
     check_writable(opts.png, "--png")
@@ -109,7 +110,9 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, TrainConfig | None]:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)} (neither a benchmark nor a train.py flag)")
     cfg = parse_config(train_argv)
+    opts.train_argv = train_argv
     workers = default_workers() if cfg.data.workers is None else cfg.data.workers
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, workers=workers))
+    opts.backend_given = opts.backend is not None
     opts.backend = opts.backend or [cfg.data.loader]
     return opts, cfg

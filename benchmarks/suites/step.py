@@ -15,7 +15,7 @@ import statistics
 
 import torch
 
-from benchmarks import diagnostics, host, timing, workload
+from benchmarks.core import diagnostics, host, timing, workload
 from engine.config import TrainConfig
 from engine.cuda_graph import GraphedStep
 from engine.distributed import Runtime

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import argparse
 
-from benchmarks import e2e_suite, loader_suite, step_suite, torch_loader_pieces
+from benchmarks.core import torch_loader_pieces
+from benchmarks.suites import e2e as e2e_suite, loader as loader_suite, step as step_suite
 from engine.config import ConfigError, TrainConfig
 from engine.distributed import Runtime
 

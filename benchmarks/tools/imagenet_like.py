@@ -4,7 +4,7 @@ No real ImageNet is reachable offline, so loader benchmarks run on this: real ph
 (random crops, rescales, flips and colour shifts of scikit-image's bundled photos), ImageNet's size
 distribution (mean about 500x375, aspect ratios 3:4 to 16:9), baseline JPEG at quality ~90.
 
-    python -m benchmarks.imagenet_like OUT_DIR --images 2000 --classes 10
+    python -m benchmarks.tools.imagenet_like OUT_DIR --images 2000 --classes 10
 """
 
 from __future__ import annotations

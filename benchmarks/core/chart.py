@@ -8,7 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from benchmarks import report
+from benchmarks.core import report
+from engine.config import ConfigError
 
 
 def write_chart(records: list[dict], png: Path) -> None:
@@ -18,7 +19,7 @@ def write_chart(records: list[dict], png: Path) -> None:
     import matplotlib.pyplot as plt
 
     bars = [(f"{report.label(r)} | {group}", {name: r["stages"][name] for name in names})
-            for r in records for group, names in r["stage_groups"].items()]
+            for r in records for group, names in r.get("stage_groups", {}).items()]
     stage_names = list(dict.fromkeys(name for _, stages in bars for name in stages))
     colours = dict(zip(stage_names, plt.get_cmap("tab20").colors * (len(stage_names) // 20 + 1)))
 
@@ -56,4 +57,14 @@ def write_chart(records: list[dict], png: Path) -> None:
 
 
 def load_records(paths: list[Path]) -> list[dict]:
-    return [record for path in paths for record in report.records(json.loads(path.read_text()))]
+    """Every record of the given result files; a folder stands for every JSON below it."""
+    files = [f for path in paths for f in (sorted(path.rglob("*.json")) if path.is_dir() else [path])]
+    records = []
+    for path in files:
+        try:
+            records += report.records(json.loads(path.read_text()))
+        except (OSError, ValueError, KeyError) as e:
+            raise ConfigError(f"{path} is not a benchmark result ({type(e).__name__}: {e})") from None
+    if not records:
+        raise ConfigError(f"no benchmark results in {', '.join(map(str, paths))}")
+    return records

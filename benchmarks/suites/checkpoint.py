@@ -10,8 +10,7 @@ import statistics
 import tempfile
 import time
 
-from benchmarks import host, timing, workload
-from benchmarks.e2e_suite import benchmark_trainer
+from benchmarks.core import host, timing, workload
 from engine.config import TrainConfig
 from engine.distributed import Runtime
 
@@ -20,7 +19,7 @@ def measure(cfg: TrainConfig, runtime: Runtime, precision: str, opts: argparse.N
     cfg = workload.for_backend(cfg, "synthetic", runtime)
     device = runtime.device
     with tempfile.TemporaryDirectory() as out:
-        trainer = benchmark_trainer(cfg, out, opts.warmup + opts.steps * (2 * opts.repeats + 1))
+        trainer = workload.benchmark_trainer(cfg, out, opts.warmup + opts.steps * (2 * opts.repeats + 1))
         try:
             batches = workload.endless(trainer.loader)
 

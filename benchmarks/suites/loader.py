@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from benchmarks import diagnostics, host, timing, workload
+from benchmarks.core import diagnostics, host, timing, workload
 from engine.config import TrainConfig
 from engine.distributed import Runtime
 

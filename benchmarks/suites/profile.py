@@ -1,0 +1,251 @@
+"""What limits training on this machine, and what to set: measure, decide, print the train.py command.
+
+    python -m benchmarks profile --data /imagenet --preset imagenet --png profile.png --json profile.json
+
+1. The step alone on synthetic on-device batches: the ceiling no loader can lift, for the configured step and
+   the faster variants this device allows (bf16 where the run is fp32; CUDA graphs on a GPU).
+2. Each loader that is installed and can read --data (or --backend's), alone, over a sweep of worker counts up
+   to this machine's cores (per rank); on a GPU also DALI's decode strategies and hardware-decoder share.
+3. End to end, the trainer's own loop with the fastest loader setting and step.
+
+The verdict: host-CPU-bound when the loader and the step together need more cores than the machine has at the
+step's full speed ((the loader's + the step's host CPU-seconds per image) x the step's images/s); else
+step-bound when the loader alone outruns the step, loader-bound when it does not although cores are free. With
+the figures that show it, the end-to-end / step ratio, and the ready train.py command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import os
+import shlex
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from benchmarks.core import workload
+from benchmarks.suites import e2e, loader, step
+from engine.config import ConfigError, TrainConfig, loader_options, validate
+from engine.distributed import Runtime
+from engine.step import resolve_precision
+from engine.trainer import console
+from pipeline import LOADERS
+
+# Loaders whose options the sweep varies on a GPU (their defaults first).
+GPU_OPTIONS = {"dali": [{}, {"decode": "roi"}, {"hw_decoder_load": 0.3}, {"hw_decoder_load": 0.9}]}
+FEEDS = 1.0  # a loader feeds the step when it gives at least this fraction of the step's images/s
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-workers", type=int, default=None,
+                        help="the largest worker count swept (default: the cores per rank)")
+    parser.add_argument("--cores", type=int, default=None,
+                        help="judge against this many host cores, e.g. those of the machine that will train "
+                             "(default: this machine's)")
+
+
+def machine_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def worker_counts(limit: int) -> list[int]:
+    """1, 2, 4, ... and the limit itself."""
+    counts = [1]
+    while counts[-1] * 2 < limit:
+        counts.append(counts[-1] * 2)
+    return sorted({*counts, limit})
+
+
+def readable_loaders(cfg: TrainConfig, requested: list[str] | None) -> list[str]:
+    """The loaders to sweep: those asked for, else every installed one that reads this data."""
+    if requested:
+        return requested
+    beton = cfg.data.data.endswith(".beton")
+    installed = {"torch": True, "dali": importlib.util.find_spec("nvidia.dali") is not None,
+                 "ffcv": importlib.util.find_spec("ffcv") is not None}
+    return [name for name in LOADERS if name != "synthetic" and installed.get(name) and (name == "ffcv") == beton]
+
+
+def step_variants(cfg: TrainConfig, runtime: Runtime) -> list[tuple[list[str], TrainConfig]]:
+    """(flags, config) of the configured step and the faster variants this device can run."""
+    variants = [([], cfg)]
+    if resolve_precision(cfg.step.precision, runtime.device) == "fp32":
+        variants.append((["--precision", "bf16"], dataclasses.replace(
+            cfg, step=dataclasses.replace(cfg.step, precision="bf16"))))
+    if runtime.device.type == "cuda" and not cfg.step.cuda_graphs:
+        graphed = dataclasses.replace(cfg, step=dataclasses.replace(cfg.step, cuda_graphs=True))
+        try:
+            validate(graphed, runtime.world_size, runtime.device.type)
+            variants.append((["--cuda-graphs"], graphed))
+        except ConfigError:
+            pass
+    return variants
+
+
+@dataclasses.dataclass
+class Setting:
+    backend: str
+    workers: int
+    options: dict
+    images_per_s: float
+    cpu_s_per_image: float
+
+    def flags(self) -> list[str]:
+        options = [f"{k}={v}" for k, v in self.options.items()]
+        return ["--loader", self.backend, "--workers", str(self.workers),
+                *(["--loader-option", *options] if options else [])]
+
+
+def with_loader(cfg: TrainConfig, backend: str, workers: int, options: dict) -> TrainConfig:
+    data = dataclasses.replace(cfg.data, loader=backend, workers=workers,
+                               loader_option=tuple(f"{k}={v}" for k, v in options.items()))
+    return dataclasses.replace(cfg, data=data)
+
+
+def workers(count: int) -> str:
+    return f"{count} worker" + "s" * (count != 1)
+
+
+def verdict(step_ips: float, step_cpu_s_per_image: float, loader: Setting, e2e_ips: float, cores: int,
+            max_workers: int) -> dict:
+    """Which of the three limits applies, and the figures that show it."""
+    loader_cores, step_cores = loader.cpu_s_per_image * step_ips, step_cpu_s_per_image * step_ips
+    cores_needed = loader_cores + step_cores
+    evidence = (f"step alone {step_ips:,.0f} img/s; best loader ({loader.backend}, {workers(loader.workers)}) "
+                f"{loader.images_per_s:,.0f} img/s; at the step's speed the loader needs {loader_cores:.1f} host "
+                f"cores ({1e3 * loader.cpu_s_per_image:.2f} CPU ms per image) and the step {step_cores:.1f}, "
+                f"{cores_needed:.1f} of {cores}; end to end {e2e_ips:,.0f} img/s = {e2e_ips / step_ips:.2f} of "
+                f"the step")
+    if cores_needed > cores:
+        bound, advice = "host-cpu", (f"loader and step need {cores_needed:.1f} cores at full speed and there are "
+                                     f"{cores}: a loader with less host work per image (DALI's GPU decoding, FFCV, "
+                                     f"a lower-resolution .beton) or more cores")
+    elif loader.images_per_s >= FEEDS * step_ips:
+        bound, advice = "step", ("the loader keeps up: a faster step is what helps (bf16, --cuda-graphs, "
+                                 "--compile, a larger batch)")
+    elif loader.workers >= max_workers:
+        bound, advice = "loader", (f"the loader is slower than the step and cores are free: more than the "
+                                   f"{workers(max_workers)} swept (--max-workers)")
+    else:
+        bound, advice = "loader", ("the loader is slower than the step although cores and workers are free: "
+                                   "reading is the limit (storage, file system, .beton on local disk)")
+    return {"bound": bound, "evidence": evidence, "advice": advice, "e2e_over_step": e2e_ips / step_ips,
+            "cores_needed": cores_needed, "loader_cores": loader_cores, "step_cores": step_cores, "cores": cores}
+
+
+def run(cfg: TrainConfig, runtime: Runtime, precision: str, opts: argparse.Namespace) -> list[dict]:
+    cores = (opts.cores or machine_cores()) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    counts = worker_counts(opts.max_workers or max(1, cores))
+    backends = readable_loaders(cfg, opts.backend if opts.backend_given else None)
+    variants = step_variants(cfg, runtime)
+    plan = [(b, w, o) for b in backends for w in counts for o in [loader_options(cfg)]]
+    if runtime.device.type == "cuda":
+        plan += [(b, None, o) for b in backends for o in GPU_OPTIONS.get(b, [])[1:]]
+    progress = Progress(TextColumn("[bold]profile"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+                        disable=not runtime.is_main)
+    with progress:
+        task = progress.add_task("", total=len(variants) + len(plan) + 1)
+
+        def advance(what: str) -> None:
+            progress.update(task, advance=1, description=what)
+
+        steps = []
+        for flags, variant in variants:
+            steps.append((flags, variant, step.measure(variant, runtime, resolve_precision(
+                variant.step.precision, runtime.device), opts)))
+            advance(f"step {' '.join(flags) or 'as configured'}")
+        best_flags, best_cfg, best_step = max(steps, key=lambda s: s[2]["images_per_s"])
+        sweep = []
+        for backend, count, options in plan:
+            count = count or max((s for s in sweep if s.backend == backend), key=lambda s: s.images_per_s).workers
+            record = loader.measure(with_loader(best_cfg, backend, count, options), runtime,
+                                    resolve_precision(best_cfg.step.precision, runtime.device), backend, opts)
+            sweep.append(Setting(backend, count, options, record["images_per_s"], record["cpu_s_per_image"]))
+            advance(f"{backend}, {workers(count)} {' '.join(f'{k}={v}' for k, v in options.items())}")
+        best = max(sweep, key=lambda s: s.images_per_s)
+        chosen = with_loader(best_cfg, best.backend, best.workers, best.options)
+        end_to_end = e2e.measure(chosen, runtime, resolve_precision(chosen.step.precision, runtime.device),
+                                 best.backend, opts)
+        advance("end to end")
+    result = verdict(best_step["images_per_s"], best_step["cpu_s_per_image"], best, end_to_end["images_per_s"], cores,
+                     counts[-1])
+    command = ["python", "train.py", *without_flags(opts.train_argv, ("--loader", "--workers", "--loader-option")),
+               *best.flags(), *[f for f in best_flags if f not in opts.train_argv]]
+    if runtime.is_main:
+        console.print(f"[bold]verdict: {result['bound']}-bound[/bold]. {result['advice']}.")
+        console.print(f"evidence: {result['evidence']}")
+        console.print(f"run: {shlex.join(command)}")
+    return [{
+        "backend": best.backend,
+        "images_per_s": end_to_end["images_per_s"],
+        "cpu_s_per_image": best.cpu_s_per_image,
+        "peak_host_rss_mb": end_to_end["peak_host_rss_mb"],
+        "peak_device_mb": end_to_end["peak_device_mb"],
+        "stages": {**best_step["stages"], **end_to_end["stages"]},
+        "stage_groups": {**best_step["stage_groups"], **end_to_end["stage_groups"]},
+        "step_images_per_s": best_step["images_per_s"],
+        "loader_images_per_s": best.images_per_s,
+        "data_wait_fraction": end_to_end["data_wait_fraction"],
+        "verdict": result,
+        "recommended_command": command,
+        "step_variants": [{"flags": flags, "images_per_s": r["images_per_s"]} for flags, _, r in steps],
+        "sweep": [dataclasses.asdict(s) for s in sweep],
+        "notes": ["loaders alone are swept at the fastest step variant's input dtype; end to end is the trainer's "
+                  "loop with the fastest loader setting and step variant"],
+    }]
+
+
+def without_flags(argv: list[str], flags: tuple[str, ...]) -> list[str]:
+    """`argv` less the given flags and their values."""
+    kept, skipping = [], False
+    for arg in argv:
+        if arg.startswith("--"):
+            skipping = arg.split("=")[0] in flags
+        if not skipping:
+            kept.append(arg)
+    return kept
+
+
+def write_chart(records: list[dict], png) -> None:
+    """Loader scaling curves with the step's ceiling as a line, and the stage breakdown."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    record = records[0]
+    fig, (scaling, stages) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    for backend in dict.fromkeys(s["backend"] for s in record["sweep"]):
+        points = sorted((s["workers"], s["images_per_s"]) for s in record["sweep"]
+                        if s["backend"] == backend and not s["options"])
+        scaling.plot(*zip(*points), marker="o", label=f"{backend} alone")
+        for s in record["sweep"]:
+            if s["backend"] == backend and s["options"]:
+                scaling.scatter(s["workers"], s["images_per_s"], marker="x",
+                                label=f"{backend} {' '.join(f'{k}={v}' for k, v in s['options'].items())}")
+    scaling.axhline(record["step_images_per_s"], color="black", linestyle="--", label="step alone (ceiling)")
+    scaling.axhline(record["images_per_s"], color="tab:red", linestyle=":", label="end to end")
+    scaling.set_xlabel("loader workers / threads")
+    scaling.xaxis.get_major_locator().set_params(integer=True)
+    scaling.set_ylabel("images/s")
+    scaling.set_title(f"verdict: {record['verdict']['bound']}-bound")
+    scaling.legend(fontsize=7)
+    groups = list(record["stage_groups"].items())
+    colours = iter(plt.get_cmap("tab20").colors * 2)
+    for y, (group, names) in enumerate(groups):
+        left = 0.0
+        for name in names:
+            stages.barh(y, record["stages"][name], left=left, label=name, color=next(colours))
+            left += record["stages"][name]
+    stages.set_yticks(range(len(groups)), [group for group, _ in groups])
+    stages.invert_yaxis()
+    stages.set_xlabel("ms per step")
+    stages.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    stages.set_title("where a step's time goes")
+    fig.suptitle(f"{record['device']}: {' '.join(record['recommended_command'])}", fontsize=8)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110, bbox_inches="tight")
+    plt.close(fig)
