@@ -6,7 +6,7 @@
 
 Writes OUT/metrics.jsonl (one row per epoch; epoch 0 is the random init) and OUT/checkpoint_*.pth.tar
 in the official layout. `--help` lists every flag. Exit status: 0 done, 2 a setting, file or checkpoint
-that cannot work (one line on stderr), 130 stopped by a signal after writing a checkpoint.
+that cannot work (one line on stderr), 130 stopped by a signal after writing a checkpoint (0 under torchrun).
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as e:
         if trainer.runtime.is_main:
             print(str(e), file=sys.stderr)
-        return 130
+        # Under torchrun a stopped run ends with 0, or --max-restarts would start it again.
+        return 130 if trainer.runtime.world_size == 1 else 0
     except KeyboardInterrupt:  # a second Ctrl-C: at once, from the last checkpoint written
         if trainer is not None and trainer.last_checkpoint:
             print(trainer.interrupted_message(), file=sys.stderr)

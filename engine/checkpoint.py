@@ -80,6 +80,12 @@ class CheckpointWriter:
         except BaseException as e:  # handed to the training thread at its next wait()
             self.error = e
 
+    def failed(self, wait: bool = False) -> bool:
+        """Whether the last write failed, so far (or, with `wait`, once it has ended); raises nothing."""
+        if wait and self.thread is not None:
+            self.thread.join()
+        return self.error is not None
+
     def wait(self) -> None:
         if self.thread is not None:
             self.thread.join()

@@ -199,6 +199,9 @@ def validate(cfg: TrainConfig, world_size: int, device_type: str = "cpu") -> Non
         raise ConfigError("--shuffle ddp needs several processes (torchrun); use split on one device")
     if not d.data and d.loader != "synthetic":
         raise ConfigError("no --data given (an ImageFolder root, 'fashion-mnist', or a .beton for --loader ffcv)")
+    for flag, samples in {"--knn-train-samples": r.knn_train_samples, "--knn-val-samples": r.knn_val_samples}.items():
+        if r.knn_every and samples is not None and samples < world_size:
+            raise ConfigError(f"{flag} {samples} gives some of the {world_size} ranks no image to extract")
     if cfg.step.cuda_graphs:
         _check_capturable(cfg, world_size, device_type)
     _check_loader_options(cfg)

@@ -21,7 +21,8 @@ class GraphedStep:
     """Runs the first step eagerly and captures the step after it; later calls replay. MocoStep's interface.
 
     Capture needs a few eager warm-up steps (cuDNN/cuBLAS set-up); every model, buffer and optimizer tensor
-    is put back afterwards, in place, so the run trains exactly the steps it would train without graphs.
+    and the device's random state are put back afterwards, so the run trains exactly the steps it would train
+    without graphs.
     """
 
     def __init__(self, step: MocoStep, warmup_steps: int = 3):
@@ -43,6 +44,7 @@ class GraphedStep:
         self.static_q, self.static_k = im_q.clone(), im_k.clone()
         loss = self.step(im_q, im_k)  # a real step; it also creates the optimizer state the graph will use
         snapshot = [t.clone() for t in self._state_tensors()]
+        rng = torch.cuda.get_rng_state(self.step.device)  # the warm-up's shuffles must not use up the run's draws
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -57,6 +59,7 @@ class GraphedStep:
         with torch.no_grad():
             for tensor, saved in zip(self._state_tensors(), snapshot):
                 tensor.copy_(saved)
+        torch.cuda.set_rng_state(rng, self.step.device)
         return loss
 
     def __call__(self, im_q: torch.Tensor, im_k: torch.Tensor) -> torch.Tensor:

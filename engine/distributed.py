@@ -66,6 +66,15 @@ def max_over_ranks(values: torch.Tensor, runtime: Runtime) -> list:
     return values.tolist()
 
 
+def from_main(obj, runtime: Runtime):
+    """Rank 0's `obj` on every rank."""
+    if runtime.world_size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def gather_on_main(obj, runtime: Runtime) -> list | None:
     """Every rank's `obj` in rank order on rank 0 (None elsewhere)."""
     if runtime.world_size == 1:

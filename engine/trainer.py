@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 import resource
 import time
 from pathlib import Path
@@ -27,8 +28,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from engine.checkpoint import CheckpointError, CheckpointWriter, load_checkpoint, to_host, with_prefix, without_prefix
 from engine.config import ConfigError, TrainConfig, loader_options, to_dict, validate
 from engine.cuda_graph import GraphedStep
-from engine.distributed import (Runtime, gather_on_main, init_runtime, max_over_ranks, pick_device, restart_hazard,
-                                shutdown, world_size_from_env)
+from engine.distributed import (Runtime, from_main, gather_on_main, init_runtime, max_over_ranks, pick_device,
+                                restart_hazard, shutdown, world_size_from_env)
 from evaluation.knn import KnnMonitor
 from engine.optim import build_optimizer, check_same_optimizer, learning_rate, set_learning_rate
 from engine.rundir import RunDir
@@ -171,15 +172,27 @@ class Trainer:
             return self.run_dir.last_checkpoint if self.run_dir.last_checkpoint.exists() else None
         return Path(resume) if resume else None
 
+    def open_run_dir(self) -> tuple[Path | None, str | None]:
+        """Rank 0 locks the output folder: (the checkpoint to resume from, or None; why it cannot, or None).
+        Only this folder's own checkpoint_last continues the run in it; any other checkpoint starts a new one."""
+        path = self.checkpoint_to_resume()
+        continuing = path is not None and path.resolve() == self.run_dir.last_checkpoint.resolve()
+        try:
+            self.run_dir.open(resuming=continuing)
+        except ConfigError as e:
+            return path, str(e)
+        if restart_hazard():
+            console.print(f"warning: {restart_hazard()}")
+        return path, None
+
     def build(self) -> None:
         """Everything the run needs, cheapest checks first: output folder and checkpoint, then model, optimizer and
         step, and only then the data (building a loader scans the dataset)."""
         cfg, runtime = self.cfg, self.runtime
-        path = self.checkpoint_to_resume()
-        if runtime.is_main:
-            self.run_dir.open(resuming=path is not None)
-            if restart_hazard():
-                console.print(f"warning: {restart_hazard()}")
+        path, refusal = self.open_run_dir() if runtime.is_main else (None, None)
+        path, refusal = from_main((path, refusal), runtime)  # every rank fails alike, or goes on alike
+        if refusal:
+            raise ConfigError(refusal)
         checkpoint = load_checkpoint(path) if path else None
         self.moco, self.model = build_model(cfg, runtime)
         self.optimizer = build_optimizer(cfg.optim, self.moco.parameters())
@@ -304,9 +317,8 @@ class Trainer:
         self.task = self.progress.add_task(f"epoch {self.epoch + 1}/{cfg.run.epochs}", total=self.steps,
                                            completed=start, loss=float("nan"), img_s=0.0, lr=0.0)
         self.epoch_start_time, self.lr, self.data_wait_s = time.perf_counter(), 0.0, 0.0
-        for i, (im_q, im_k, _) in enumerate(self.waiting_for(self.loader), start=start):
-            if i == self.steps:
-                break
+        batches = itertools.islice(self.waiting_for(self.loader), self.steps - start)  # --max-steps: no batch more
+        for i, (im_q, im_k, _) in enumerate(batches, start=start):
             self.lr = learning_rate(cfg.optim, self.epoch + i / self.steps, cfg.run.epochs)
             set_learning_rate(self.optimizer, self.lr)
             self.loss_sum += self.train_step(im_q, im_k)
@@ -348,12 +360,14 @@ class Trainer:
                     and time.monotonic() - self.last_save_time >= 60 * r.checkpoint_minutes)
         steps_due = r.checkpoint_steps > 0 and (self.epoch * self.steps + self.step) % r.checkpoint_steps == 0
         diverging = not self.train_step.scaler.is_enabled()  # fp16: the GradScaler skips such steps instead
-        flags = torch.stack([torch.tensor(int(self.signals.requested), device=counters.steps.device),
-                             torch.tensor(int(time_due), device=counters.steps.device),
-                             counters.nonfinite * int(diverging), -counters.first_nonfinite])
-        stop, due, nonfinite, first_nonfinite = max_over_ranks(flags, self.runtime)
+        host_flags = [self.signals.requested, time_due, self.runtime.is_main and self.writer.failed()]
+        flags = torch.cat([torch.tensor([int(f) for f in host_flags], device=counters.steps.device),
+                           torch.stack([counters.nonfinite * int(diverging), -counters.first_nonfinite])])
+        stop, due, write_failed, nonfinite, first_nonfinite = max_over_ranks(flags, self.runtime)
         if nonfinite:
             self.diverged(-first_nonfinite)
+        if write_failed:
+            self.write_failed()
         if self.runtime.is_main:
             img_s = (self.step - self.first_step) * self.cfg.optim.batch_size / (time.perf_counter()
                                                                                  - self.epoch_start_time)
@@ -370,9 +384,10 @@ class Trainer:
         if due or steps_due or stop:
             self.save()
         if stop:
-            raise Interrupted(self.interrupted_message())
+            self.stop()
 
     def diverged(self, first_nonfinite: int) -> None:
+        self.writer.wait()  # the last checkpoint is whole (or its failure is the error) before it is named
         step = self.first_step + first_nonfinite - self.counter_at_first_step + 1
         kept = (f"{self.last_checkpoint[0]} ({self.describe(*self.last_checkpoint[1:])}) is the last good checkpoint"
                 if self.last_checkpoint else "no checkpoint had been written yet")
@@ -399,7 +414,7 @@ class Trainer:
             row = dict(epoch=self.epoch, loss=loss, knn_top1=knn, img_per_s=img_s, lr=self.lr, skipped_steps=skipped,
                        data_wait=data_wait)
             self.run_dir.append_metrics(row)
-            self.scalars.add(self.epoch, **{"epoch/loss": loss, "epoch/knn_top1": knn, "epoch/img_per_s": img_s,
+            self.scalars.add(self.epoch * self.steps, **{"epoch/loss": loss, "epoch/knn_top1": knn, "epoch/img_per_s": img_s,
                                             "epoch/data_wait_fraction": data_wait, "epoch/lr": self.lr,
                                             "epoch/peak_device_mb": peak_device_mb(runtime.device),
                                             "epoch/peak_host_rss_mb": peak_host_rss_mb()})
@@ -412,7 +427,7 @@ class Trainer:
         self.save(keep=self.epoch % cfg.run.save_every == 0 or last)
         flags = torch.tensor([int(self.signals.requested)], device=runtime.device)
         if max_over_ranks(flags, runtime)[0] and not last:
-            raise Interrupted(self.interrupted_message())
+            self.stop()
 
     # --- checkpoints ---
 
@@ -427,9 +442,9 @@ class Trainer:
                               rng_cuda=torch.cuda.get_rng_state(runtime.device) if cuda else None,
                               loader=self.loader.state_dict(), loss_sum=self.loss_sum)
             ranks = gather_on_main(to_host(rank_state), runtime)
-        path = self.run_dir.last_checkpoint
-        self.last_checkpoint, self.last_save_time = (path, self.epoch, self.step), time.monotonic()
+        path, self.last_save_time = self.run_dir.last_checkpoint, time.monotonic()
         if not runtime.is_main:
+            self.last_checkpoint = (path, self.epoch, self.step)
             return
         state = dict(epoch=self.epoch, step=self.step, arch=cfg.model.arch, state_dict=with_prefix(self.moco.state_dict()),
                      optimizer=self.optimizer.state_dict(), config=to_dict(cfg), steps_per_epoch=self.steps,
@@ -440,6 +455,20 @@ class Trainer:
         if ranks is not None:
             state["ranks"] = ranks
         self.writer.submit(state, path, *([self.run_dir.epoch_checkpoint(self.epoch)] if keep else []))
+        self.last_checkpoint = (path, self.epoch, self.step)  # handed to the writer; interrupted_message waits for it
+
+    def write_failed(self) -> None:
+        """Every rank stops on rank 0's failed checkpoint write, learnt at a check-in, not rank 0 alone."""
+        self.writer.wait()  # rank 0: raises the write's own error
+        raise CheckpointError("rank 0 could not write its checkpoint; its log says why")
+
+    def stop(self) -> None:
+        """Every rank leaves together once rank 0's checkpoint is on disk: a rank that left first would have the
+        launcher end the others, the writer among them."""
+        failed = torch.tensor([int(self.runtime.is_main and self.writer.failed(wait=True))], device=self.runtime.device)
+        if max_over_ranks(failed, self.runtime)[0]:
+            self.write_failed()
+        raise Interrupted(self.interrupted_message())
 
     def describe(self, epoch: int, step: int) -> str:
         return f"epoch {epoch}" if not step else f"{epoch} epochs and {step}/{self.steps} steps of epoch {epoch + 1}"

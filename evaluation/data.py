@@ -54,14 +54,14 @@ def build_eval_loader(data, split, *, image_size, batch_size, device, dtype=torc
                       num_workers=None, seed=0, verify=True, rank=0, world_size=1) -> EvalLoader:
     """The un-augmented `split`, or a fixed random subset of it, shared out over `world_size` ranks.
 
-    The images this rank will read are checked here, when the loader is built, so bad data fails before any
-    training; of a subset, only the subset (a 20,000-image kNN bank does not open all 1.28M ImageNet files).
+    The chosen images are checked here, when the loader is built, so bad data fails before any training; of a
+    subset, only the subset (a 20,000-image kNN bank does not open all 1.28M ImageNet files).
     """
     dataset = resolve_dataset(data, split, image_size, verify=False)
     indices = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
     indices = sorted(indices[:max_samples] if max_samples else indices)
     if verify and hasattr(dataset, "verify"):
-        dataset.verify(indices[rank::world_size])
+        dataset.verify(indices)  # all of them on every rank: a bad image stops every rank, not the one reading it
     transform = eval_transform(get_recipe("v2"), image_size, resize=not is_fashion_mnist(data))
     return EvalLoader(dataset, transform, indices, rank=rank, world_size=world_size, batch_size=batch_size,
                       device=device, dtype=dtype, num_workers=default_workers() if num_workers is None else num_workers,

@@ -305,7 +305,7 @@ class DaliLoader:
         self.num_threads, self.prefetch_queue_depth = num_threads, prefetch_queue_depth
         self.decoder_options = decoder_options
         self.steps = steps_per_epoch(len(dataset), batch_size, world_size)
-        self.epoch, self.start_step, self.restore = 0, 0, None
+        self.epoch, self.start_step, self.restore, self.skipped = 0, 0, None, 0
         self.pipe = None
         self.in_flight = InFlight(device)
 
@@ -316,12 +316,13 @@ class DaliLoader:
         self.epoch, self.start_step = epoch, check_start_step(start_step, self.steps)
 
     def state_dict(self) -> dict:
-        """The running pipeline's checkpoint: what comes after the last batch handed out."""
-        return {"pipeline": self.pipe.checkpoint()} if self.pipe is not None else {}
+        """The running pipeline's checkpoint (what comes after the last batch handed out), and how many steps its
+        reader's file list left out at the front (a pipeline built for a resumed epoch without a checkpoint)."""
+        return {"pipeline": self.pipe.checkpoint(), "skipped_steps": self.skipped} if self.pipe is not None else {}
 
     def load_state_dict(self, state: dict) -> None:
         """The next iteration (the epoch and start step given to `set_epoch`) continues from this checkpoint."""
-        self.restore = state.get("pipeline")
+        self.restore = (state["pipeline"], state["skipped_steps"]) if "pipeline" in state else None
 
     def pipeline(self, shard: np.ndarray, epoch: int, checkpoint: bytes | None):
         gpu = self.device.type == "cuda"
@@ -351,11 +352,11 @@ class DaliLoader:
         try:
             shard = epoch_batches_shard(len(self.dataset), self.batch_size, self.rank, self.world_size, self.seed,
                                         self.epoch)
-            start, checkpoint, self.restore = self.start_step, self.restore, None
-            if checkpoint is None:  # no saved reader position: the reader is handed the samples from `start` on
-                shard, start_in_shard = shard[start * self.batch_size :], 0
-            else:
-                start_in_shard = start
+            start, restore, self.restore = self.start_step, self.restore, None
+            # The reader is handed the samples from `skipped` on: from `start` without a saved reader position; with
+            # one, the same list as the pipeline that saved it.
+            checkpoint, self.skipped = restore or (None, start)
+            shard, start_in_shard = shard[self.skipped * self.batch_size :], start - self.skipped
             self.pipe = self.pipeline(shard, self.epoch, checkpoint)
             for step in range(start_in_shard, start_in_shard + self.steps - start):
                 im_q, im_k, labels = self.run(self.pipe, shard, step)

@@ -157,7 +157,10 @@ def profile(tmp_path: Path, *args: str) -> dict:
 
 
 def test_profile_says_loader_bound_behind_jpeg_decoding(large_jpegs, tmp_path):
-    doc = profile(tmp_path, "--data", str(large_jpegs), "--cores", "64", "--png", str(tmp_path / "profile.png"))
+    # fp32 asked for: bf16 is measured too, and the command must replace the flag, not add a second value
+    doc = profile(tmp_path, "--data", str(large_jpegs), "--cores", "64", "--precision", "fp32",
+                  "--png", str(tmp_path / "profile.png"))
+    assert [v["flags"] for v in doc["step_variants"]] == [[], ["--precision", "bf16"]]
     assert_profile(doc, "loader")
     assert doc["loader_images_per_s"] < doc["step_images_per_s"] and doc["verdict"]["cores_needed"] < 64
     assert_valid_png(tmp_path / "profile.png")

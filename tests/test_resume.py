@@ -172,6 +172,16 @@ def test_a_fresh_run_does_not_overwrite_an_earlier_one(small_fashion, tmp_path, 
     assert "already holds a run" in error_line(capsys) and (tmp_path / "metrics.jsonl").read_text() == metrics
 
 
+def test_resuming_another_folders_checkpoint_does_not_overwrite_a_run(small_fashion, tmp_path, capsys):
+    assert quick_run(small_fashion, tmp_path / "a") == 0
+    assert quick_run(small_fashion, tmp_path / "b") == 0
+    assert quick_run(small_fashion, tmp_path / "b", "--epochs", "2", "--resume",
+                     str(tmp_path / "a" / "checkpoint_last.pth.tar")) == 2
+    assert "already holds a run" in error_line(capsys)
+    assert quick_run(small_fashion, tmp_path / "c", "--epochs", "2", "--resume",
+                     str(tmp_path / "a" / "checkpoint_last.pth.tar")) == 0  # into an empty folder: a new run from it
+
+
 def test_a_second_run_into_the_same_folder_is_refused(small_fashion, tmp_path):
     first = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--data", small_fashion, "--out", str(tmp_path),
                               *QUICK, "--max-steps", "100", "--epochs", "50"], cwd=ROOT, stderr=subprocess.PIPE,

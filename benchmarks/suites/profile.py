@@ -138,6 +138,9 @@ def run(cfg: TrainConfig, runtime: Runtime, precision: str, opts: argparse.Names
     cores = (opts.cores or machine_cores()) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     counts = worker_counts(opts.max_workers or max(1, cores))
     backends = readable_loaders(cfg, opts.backend if opts.backend_given else None)
+    if not backends:
+        raise ConfigError(f"no installed loader reads {cfg.data.data} (a .beton needs ffcv; a folder or "
+                          f"fashion-mnist the torch or dali loader): give --backend")
     variants = step_variants(cfg, runtime)
     plan = [(b, w, o) for b in backends for w in counts for o in [loader_options(cfg)]]
     if runtime.device.type == "cuda":
@@ -171,8 +174,8 @@ def run(cfg: TrainConfig, runtime: Runtime, precision: str, opts: argparse.Names
         advance("end to end")
     result = verdict(best_step["images_per_s"], best_step["cpu_s_per_image"], best, end_to_end["images_per_s"], cores,
                      counts[-1])
-    command = ["python", "train.py", *without_flags(opts.train_argv, ("--loader", "--workers", "--loader-option")),
-               *best.flags(), *[f for f in best_flags if f not in opts.train_argv]]
+    replaced = ("--loader", "--workers", "--loader-option", *(f for f in best_flags if f.startswith("--")))
+    command = ["python", "train.py", *without_flags(opts.train_argv, replaced), *best.flags(), *best_flags]
     if runtime.is_main:
         console.print(f"[bold]verdict: {result['bound']}-bound[/bold]. {result['advice']}.")
         console.print(f"evidence: {result['evidence']}")

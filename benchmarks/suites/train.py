@@ -38,6 +38,8 @@ def run(cfg: TrainConfig, runtime: Runtime, precision: str, opts: argparse.Names
         finally:
             trainer.close()
         wall, cpu = time.perf_counter() - start, host.cpu_seconds() - cpu
+        if not runtime.is_main:  # rank 0 reports the run
+            return []
         probe = linear_probe(cfg, Path(out) / "checkpoint_last.pth.tar") if opts.linear_probe else None
     epochs = [r for r in rows if r["epoch"] > 0]
     step_ms = 1e3 * cfg.optim.batch_size / statistics.median(r["img_per_s"] for r in epochs)
