@@ -181,9 +181,10 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
 
 def validate(cfg: TrainConfig, world_size: int, device_type: str = "cpu") -> None:
     """Every check that needs no data, so a setting that cannot work fails in one line before any work."""
+    valid_choices = choices()
     for section_name, _ in _sections():
         for name, value in dataclasses.asdict(getattr(cfg, section_name)).items():
-            valid = choices().get(name)
+            valid = valid_choices.get(name)
             if valid and value not in valid:
                 raise ConfigError(f"unknown --{name.replace('_', '-')} {value!r}; choose one of: {', '.join(valid)}")
     d, m, o, r = cfg.data, cfg.model, cfg.optim, cfg.run

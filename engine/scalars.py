@@ -8,7 +8,20 @@ the interrupted one wrote after its checkpoint, so every curve is the run that i
 
 from __future__ import annotations
 
+import resource
 from pathlib import Path
+
+import torch
+
+
+def peak_host_rss_mb() -> float:
+    """Peak resident memory of this process over its life (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_device_mb(device: torch.device) -> float | None:
+    """Peak memory torch's allocator handed out (DALI's own pool is not in it); None on the CPU."""
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
 
 
 class Scalars:

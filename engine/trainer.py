@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import inspect
 import itertools
-import resource
 import time
 from pathlib import Path
 
@@ -30,18 +29,18 @@ from engine.config import ConfigError, TrainConfig, loader_options, to_dict, val
 from engine.cuda_graph import GraphedStep
 from engine.distributed import (Runtime, from_main, gather_on_main, init_runtime, max_over_ranks, pick_device,
                                 restart_hazard, shutdown, world_size_from_env)
-from evaluation.knn import KnnMonitor
 from engine.optim import build_optimizer, check_same_optimizer, learning_rate, set_learning_rate
 from engine.rundir import RunDir
-from engine.scalars import Scalars
+from engine.scalars import Scalars, peak_device_mb, peak_host_rss_mb
 from engine.signals import StopSignals
 from engine.step import AMP_DTYPES, MocoStep, resolve_precision
+from evaluation.data import build_eval_loader
+from evaluation.knn import KnnMonitor
 from model import MoCo, build_encoder
 from model.moco import no_stage
 from pipeline import build_loader
 from pipeline.common import derive_seed
 from pipeline.errors import DataError
-from evaluation.data import build_eval_loader
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -126,14 +125,6 @@ def progress_bar(enabled: bool) -> Progress:
     )
 
 
-def peak_device_mb(device: torch.device) -> float | None:
-    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-
-
-def peak_host_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports kilobytes
-
-
 def first_line_of(error: Exception) -> str:
     """What a torch error says, in one line: 'Error(s) in loading state_dict for MoCo:' alone names nothing."""
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
@@ -181,8 +172,9 @@ class Trainer:
             self.run_dir.open(resuming=continuing)
         except ConfigError as e:
             return path, str(e)
-        if restart_hazard():
-            console.print(f"warning: {restart_hazard()}")
+        hazard = restart_hazard()
+        if hazard:
+            console.print(f"warning: {hazard}")
         return path, None
 
     def build(self) -> None:
@@ -213,7 +205,7 @@ class Trainer:
         self.knn = build_knn_monitor(cfg, runtime, self.amp_dtype)
         if runtime.is_main:
             self.run_dir.restart_metrics(self.epoch if checkpoint is not None else None)
-            self.scalars = Scalars(self.run_dir.path / "tb", resume_step=self.epoch * self.steps + self.step)
+            self.scalars = Scalars(self.run_dir.path / "tb", resume_step=self.global_step)
 
     def resume(self, checkpoint: dict, path: Path) -> None:
         """Model, queue, optimizer, scaler and position from `checkpoint`; for one cut inside an epoch, also this
@@ -344,11 +336,16 @@ class Trainer:
             if hasattr(batches, "close"):
                 batches.close()
 
+    @property
+    def global_step(self) -> int:
+        """Steps since the run began: TensorBoard's x axis and --checkpoint-steps' count."""
+        return self.epoch * self.steps + self.step
+
+    def checkpoint_steps_due(self) -> bool:
+        return self.cfg.run.checkpoint_steps > 0 and self.global_step % self.cfg.run.checkpoint_steps == 0
+
     def check_in_due(self) -> bool:
-        r = self.cfg.run
-        global_step = self.epoch * self.steps + self.step
-        return (self.step % r.print_freq == 0 or self.step == self.steps
-                or (r.checkpoint_steps > 0 and global_step % r.checkpoint_steps == 0)
+        return (self.step % self.cfg.run.print_freq == 0 or self.step == self.steps or self.checkpoint_steps_due()
                 or (self.runtime.world_size == 1 and self.signals.requested))
 
     def check_in(self) -> None:
@@ -358,7 +355,6 @@ class Trainer:
         r, counters = self.cfg.run, self.train_step.counters
         time_due = (self.runtime.is_main and r.checkpoint_minutes > 0
                     and time.monotonic() - self.last_save_time >= 60 * r.checkpoint_minutes)
-        steps_due = r.checkpoint_steps > 0 and (self.epoch * self.steps + self.step) % r.checkpoint_steps == 0
         diverging = not self.train_step.scaler.is_enabled()  # fp16: the GradScaler skips such steps instead
         host_flags = [self.signals.requested, time_due, self.runtime.is_main and self.writer.failed()]
         flags = torch.cat([torch.tensor([int(f) for f in host_flags], device=counters.steps.device),
@@ -373,15 +369,14 @@ class Trainer:
                                                                                  - self.epoch_start_time)
             loss = float(self.loss_sum) / self.step
             self.progress.update(self.task, completed=self.step, loss=loss, img_s=img_s, lr=self.lr)
-            self.scalars.add(self.epoch * self.steps + self.step, **{"train/loss": loss, "train/lr": self.lr,
-                                                                     "train/img_per_s": img_s})
+            self.scalars.add(self.global_step, **{"train/loss": loss, "train/lr": self.lr, "train/img_per_s": img_s})
             if not console.is_terminal and time.monotonic() - self.last_log_line >= LOG_LINE_EVERY_S:
                 self.last_log_line = time.monotonic()
                 console.print(f"epoch {self.epoch + 1}/{self.cfg.run.epochs} step {self.step}/{self.steps}: "
                               f"loss {loss:.4f}  {img_s:,.0f} img/s  lr {self.lr:.4g}")
         if self.step == self.steps:
             return
-        if due or steps_due or stop:
+        if due or self.checkpoint_steps_due() or stop:
             self.save()
         if stop:
             self.stop()
@@ -414,7 +409,7 @@ class Trainer:
             row = dict(epoch=self.epoch, loss=loss, knn_top1=knn, img_per_s=img_s, lr=self.lr, skipped_steps=skipped,
                        data_wait=data_wait)
             self.run_dir.append_metrics(row)
-            self.scalars.add(self.epoch * self.steps, **{"epoch/loss": loss, "epoch/knn_top1": knn, "epoch/img_per_s": img_s,
+            self.scalars.add(self.global_step, **{"epoch/loss": loss, "epoch/knn_top1": knn, "epoch/img_per_s": img_s,
                                             "epoch/data_wait_fraction": data_wait, "epoch/lr": self.lr,
                                             "epoch/peak_device_mb": peak_device_mb(runtime.device),
                                             "epoch/peak_host_rss_mb": peak_host_rss_mb()})

@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from rich.progress import track
 
 from engine.checkpoint import CheckpointError, load_checkpoint, query_encoder_state
+from evaluation.data import build_eval_loader
 from evaluation.knn import extract_features
 from model.resnet import build_encoder
 from pipeline.errors import DataError
-from evaluation.data import build_eval_loader
 
 
 def load_frozen_encoder(checkpoint: str, arch: str | None) -> torch.nn.Module:

@@ -102,20 +102,14 @@ class ImageFolderFiles:
         latency, which threads hide.
         """
         paths = [self.samples[i][0] for i in (range(len(self.samples)) if indices is None else indices)]
+        probe, rest = paths[:PROBE_FILES], paths[PROBE_FILES:]
         start = time.perf_counter()
-        problems = map(_header_problem, paths[:PROBE_FILES])
-        for problem in problems:
-            if problem:
-                raise DataError(f"unreadable image {problem}")
-        rest = paths[PROBE_FILES:]
-        if (time.perf_counter() - start) / max(1, min(len(paths), PROBE_FILES)) > SLOW_OPEN_S and rest:
+        _raise_first(map(_header_problem, probe))
+        if rest and (time.perf_counter() - start) / len(probe) > SLOW_OPEN_S:
             with ThreadPoolExecutor(64) as pool:
-                problems = pool.map(_header_problem, rest, chunksize=256)
+                _raise_first(pool.map(_header_problem, rest, chunksize=256))
         else:
-            problems = map(_header_problem, rest)
-        for problem in problems:
-            if problem:
-                raise DataError(f"unreadable image {problem}")
+            _raise_first(map(_header_problem, rest))
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -147,6 +141,12 @@ def _list_image_folder(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
     if not samples:
         raise DataError(f"data path {root} has class folders but no images ({', '.join(IMG_EXTENSIONS)})")
     return classes, samples
+
+
+def _raise_first(problems) -> None:
+    for problem in problems:
+        if problem:
+            raise DataError(f"unreadable image {problem}")
 
 
 def _header_problem(path: str) -> str | None:

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import train
-from evaluation.knn import knn_top1
 from evaluation import export, lincls
+from evaluation.knn import knn_top1
 from model.resnet import build_encoder
 
 TINY = ["--epochs", "1", "--max-steps", "2", "--batch-size", "32", "--moco-k", "64", "--image-size", "16",

@@ -4,7 +4,6 @@ included, which keeps the official checkpoint layout and reads nothing back on t
 import dataclasses
 
 import pytest
-import torch
 
 import train
 from benchmarks.core.diagnostics import HostReads

@@ -63,11 +63,6 @@ def _user_plus_system(usage) -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process over its life (Linux reports kilobytes)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def children_rss_mb() -> float:
     """Resident memory of the live children (loader workers) now; pages they share with us count again."""
     total = 0
@@ -82,11 +77,6 @@ def children_rss_mb() -> float:
 def reset_device_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-
-
-def device_peak_mb(device: torch.device) -> float | None:
-    """Peak memory torch's allocator handed out (DALI's own pool is not in it); None on the CPU."""
-    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
 
 
 @contextmanager

@@ -12,9 +12,9 @@ import dataclasses
 import importlib
 from pathlib import Path
 
+from benchmarks.suites import SUITES
 from engine.config import ConfigError, TrainConfig, parse_config
 from engine.config import build_parser as build_train_parser
-from benchmarks.suites import SUITES
 from pipeline.common import default_workers
 
 CHART_HELP = "a PNG from any JSON results: stacked stage breakdowns and images/s per run"

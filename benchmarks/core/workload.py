@@ -9,10 +9,11 @@ import dataclasses
 
 import torch
 
-from benchmarks.core import host, timing
+from benchmarks.core import timing
 from engine.config import TrainConfig, loader_options, validate
 from engine.distributed import Runtime
 from engine.optim import build_optimizer
+from engine.scalars import peak_device_mb, peak_host_rss_mb
 from engine.step import AMP_DTYPES
 from engine.trainer import Trainer, build_model, build_step, progress_bar
 from pipeline import build_loader
@@ -75,7 +76,7 @@ def throughput_record(backend: str, windows: list, cfg: TrainConfig, runtime: Ru
         "backend": backend,
         "images_per_s": timing.images_per_s(windows, cfg.optim.batch_size),
         "cpu_s_per_image": timing.cpu_s_per_image(windows, per_rank_batch(cfg, runtime)),
-        "peak_host_rss_mb": host.peak_rss_mb(),
+        "peak_host_rss_mb": peak_host_rss_mb(),
         "workers_rss_mb": workers_rss_mb,
-        "peak_device_mb": host.device_peak_mb(runtime.device),
+        "peak_device_mb": peak_device_mb(runtime.device),
     }

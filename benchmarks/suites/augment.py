@@ -18,9 +18,10 @@ import time
 
 import torch
 
-from benchmarks.core import host, timing
+from benchmarks.core import timing
 from engine.config import ConfigError, TrainConfig
 from engine.distributed import Runtime
+from engine.scalars import peak_device_mb, peak_host_rss_mb
 from pipeline.augs import AugRecipe, get_recipe
 from pipeline.gpu_augment import BLUR_TRUNCATE, TwoViewAugment
 
@@ -80,7 +81,7 @@ def run(cfg: TrainConfig, runtime: Runtime, precision: str, opts: argparse.Names
         seconds = statistics.median(samples)
         records.append({
             "backend": name, "images_per_s": 2 * batch / seconds, "cpu_s_per_image": None,
-            "peak_host_rss_mb": host.peak_rss_mb(), "peak_device_mb": host.device_peak_mb(device),
+            "peak_host_rss_mb": peak_host_rss_mb(), "peak_device_mb": peak_device_mb(device),
             "stages": {"augment": seconds * 1e3}, "stage_groups": {"two views, one call": ["augment"]},
             "ms_per_call_each_repeat": [round(s * 1e3, 1) for s in samples],
             "notes": ["ours: a random op order per sample, every op run on the whole batch with identity parameters "

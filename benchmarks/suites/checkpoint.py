@@ -13,6 +13,7 @@ import time
 from benchmarks.core import host, timing, workload
 from engine.config import TrainConfig
 from engine.distributed import Runtime
+from engine.scalars import peak_device_mb, peak_host_rss_mb
 
 
 def measure(cfg: TrainConfig, runtime: Runtime, precision: str, opts: argparse.Namespace) -> dict:
@@ -55,8 +56,8 @@ def measure(cfg: TrainConfig, runtime: Runtime, precision: str, opts: argparse.N
         "backend": "synthetic",
         "images_per_s": cfg.optim.batch_size / (alone_ms / 1e3),
         "cpu_s_per_image": cpu_s / (len(alone) * workload.per_rank_batch(cfg, runtime)),
-        "peak_host_rss_mb": host.peak_rss_mb(),
-        "peak_device_mb": host.device_peak_mb(device),
+        "peak_host_rss_mb": peak_host_rss_mb(),
+        "peak_device_mb": peak_device_mb(device),
         "checkpoint_mb": statistics.median(sizes),
         "stages": {"loop_pause": statistics.median(pauses), "background_write": statistics.median(writes),
                    "step_alone": alone_ms, "step_during_write": during_ms},

@@ -41,6 +41,7 @@ from benchmarks.core import host
 from benchmarks.tools.imagenet_like import generate
 from engine.config import TrainConfig
 from engine.distributed import Runtime
+from engine.scalars import peak_host_rss_mb
 from pipeline.augs import get_recipe
 from pipeline.ffcv_loader import (DECODES, field_values, label_pipeline, make_ffcv_loader, read_beton,
                                   resolve_order, view_pipelines)
@@ -153,7 +154,7 @@ def run(cfg: TrainConfig, runtime: Runtime, precision: str, opts: argparse.Names
         "backend": side.name,
         "images_per_s": statistics.median(side.images_per_s),
         "cpu_s_per_image": statistics.median(side.cpu_s_per_image),
-        "peak_host_rss_mb": host.peak_rss_mb(),
+        "peak_host_rss_mb": peak_host_rss_mb(),
         "peak_device_mb": None,
         "stages": {"cpu_ms_per_image": 1e3 * statistics.median(side.cpu_s_per_image)},
         "stage_groups": {"host CPU per image, two 224 px views": ["cpu_ms_per_image"]},

@@ -24,7 +24,6 @@ import shlex
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from benchmarks.core import workload
 from benchmarks.suites import e2e, loader, step
 from engine.config import ConfigError, TrainConfig, loader_options, validate
 from engine.distributed import Runtime

@@ -19,6 +19,7 @@ from benchmarks.core import diagnostics, host, timing, workload
 from engine.config import TrainConfig
 from engine.cuda_graph import GraphedStep
 from engine.distributed import Runtime
+from engine.scalars import peak_device_mb, peak_host_rss_mb
 from model.distributed import concat_all_gather
 from model.moco import no_stage
 
@@ -73,8 +74,8 @@ def measure(cfg: TrainConfig, runtime: Runtime, precision: str, opts: argparse.N
         "backend": "synthetic",
         "images_per_s": timing.images_per_s(windows, cfg.optim.batch_size),
         "cpu_s_per_image": timing.cpu_s_per_image(windows, images),
-        "peak_host_rss_mb": host.peak_rss_mb(),
-        "peak_device_mb": host.device_peak_mb(device),
+        "peak_host_rss_mb": peak_host_rss_mb(),
+        "peak_device_mb": peak_device_mb(device),
         "stages": stages,
         "stage_groups": groups,
         "totals": {

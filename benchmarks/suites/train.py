@@ -18,6 +18,7 @@ from pathlib import Path
 from benchmarks.core import host
 from engine.config import TrainConfig
 from engine.distributed import Runtime
+from engine.scalars import peak_device_mb, peak_host_rss_mb
 from engine.trainer import Trainer
 from evaluation import lincls
 
@@ -50,8 +51,8 @@ def run(cfg: TrainConfig, runtime: Runtime, precision: str, opts: argparse.Names
         "backend": cfg.data.loader,
         "images_per_s": statistics.median(r["img_per_s"] for r in epochs),
         "cpu_s_per_image": cpu / images,
-        "peak_host_rss_mb": host.peak_rss_mb(),
-        "peak_device_mb": host.device_peak_mb(runtime.device),
+        "peak_host_rss_mb": peak_host_rss_mb(),
+        "peak_device_mb": peak_device_mb(runtime.device),
         "stages": {"data_wait": wait * step_ms, "step_and_loop": (1 - wait) * step_ms},
         "stage_groups": {"one step of training (median epoch)": ["data_wait", "step_and_loop"]},
         "data_wait_fraction": wait,
