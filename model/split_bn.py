@@ -1,8 +1,16 @@
 """Split BatchNorm: one device computes BN statistics as N devices would.
 
 MoCo's Shuffle BN only matters because each GPU normalises its own sub-batch. On one device,
-`SplitBatchNorm2d` normalises `num_splits` interleaved sub-batches separately (sample n belongs to
-sub-batch n % num_splits), which is exactly what N GPUs with batch/N samples each would compute.
+`SplitBatchNorm2d` normalises `num_splits` contiguous blocks of the batch separately (samples
+[i*N/s, (i+1)*N/s) form sub-batch i), which is exactly what N GPUs with batch/N samples each compute: the
+query blocks are the "GPUs'" own samples and the key shuffle sends each key to a random block.
+
+A batch block is a contiguous slice in NCHW and in channels_last alike, so each block is normalised where
+it lies: the forward writes every block's output into its slice of one output tensor (`native_batch_norm`'s
+out= kernel), with no reshape, no layout conversion and no concatenation. The backward writes each block's
+input gradient into its slice too; torch's BN backward has no in-place out= kernel (its `.out` variant
+computes and then copies), so that write is the one copy left, and it moves the gradient once.
+Under torch.compile the same blocks are written as split + batch_norm + cat, which inductor fuses.
 Parameter and buffer names are BatchNorm2d's, so checkpoints load into plain torchvision models.
 """
 
@@ -13,6 +21,53 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _stats_dtype(x: torch.Tensor) -> torch.dtype:
+    """BN's saved mean/invstd are in the accumulation type: fp32 for half-precision inputs."""
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
+class _BlockBatchNorm(torch.autograd.Function):
+    """Batch norm of each of `splits` contiguous batch blocks, with its own statistics, updating per-block copies
+    of the running statistics (the caller averages them, as N devices' running stats would be)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, splits, momentum, eps):
+        out = torch.empty_like(x)
+        save_mean = torch.empty(splits, x.shape[1], dtype=_stats_dtype(x), device=x.device)
+        save_invstd = torch.empty_like(save_mean)
+        for i, (xb, ob) in enumerate(zip(x.chunk(splits), out.chunk(splits))):
+            torch.ops.aten.native_batch_norm.out(
+                xb, weight, bias, None if running_mean is None else running_mean[i],
+                None if running_var is None else running_var[i], True, momentum, eps,
+                out=ob, save_mean=save_mean[i], save_invstd=save_invstd[i])
+        ctx.save_for_backward(x, weight, save_mean, save_invstd)
+        ctx.splits, ctx.eps = splits, eps
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, save_mean, save_invstd = ctx.saved_tensors
+        mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
+                weight is not None and ctx.needs_input_grad[2]]
+        grad_in = torch.empty_like(x) if mask[0] else None
+        grad_w = grad_b = None
+        grad_out = grad_out.contiguous(memory_format=_layout_of(x))  # autograd hands over x's layout already
+        for i, (xb, gb) in enumerate(zip(x.chunk(ctx.splits), grad_out.chunk(ctx.splits))):
+            gi, gw, gbias = torch.ops.aten.native_batch_norm_backward(
+                gb, xb, weight, None, None, save_mean[i], save_invstd[i], True, ctx.eps, mask)
+            if mask[0]:
+                grad_in[i * xb.shape[0]:(i + 1) * xb.shape[0]].copy_(gi)  # no in-place BN backward kernel exists
+            if mask[1]:
+                grad_w = gw if grad_w is None else grad_w.add_(gw)
+            if mask[2]:
+                grad_b = gbias if grad_b is None else grad_b.add_(gbias)
+        return grad_in, grad_w, grad_b, None, None, None, None, None
+
+
+def _layout_of(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+
+
 class SplitBatchNorm2d(nn.BatchNorm2d):
     def __init__(self, num_features: int, num_splits: int, **kwargs):
         super().__init__(num_features, **kwargs)
@@ -21,20 +76,28 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.num_splits == 1:
             return super().forward(x)
-        n, c, h, w = x.shape
         s = self.num_splits
-        if n % s:
-            raise ValueError(f"split BN: batch of {n} does not split into {s} sub-batches")
-        # (N, C, H, W) -> (N/s, s*C, H, W): channel b*C + c of row a is channel c of sample a*s + b.
-        mean, var = self.running_mean.repeat(s), self.running_var.repeat(s)
-        out = F.batch_norm(x.reshape(n // s, c * s, h, w), mean, var, self.weight.repeat(s), self.bias.repeat(s),
-                           True, self.momentum, self.eps)
-        with torch.no_grad():
-            self.running_mean.copy_(mean.view(s, c).mean(0))
-            self.running_var.copy_(var.view(s, c).mean(0))
-            self.num_batches_tracked.add_(1)
-        layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-        return out.reshape(n, c, h, w).contiguous(memory_format=layout)
+        if x.shape[0] % s:
+            raise ValueError(f"split BN: batch of {x.shape[0]} does not split into {s} sub-batches")
+        tracked = self.track_running_stats
+        # Each block updates its own copy of the running statistics (num_splits x C floats: the only copies in the
+        # forward); their average is what N devices would hold.
+        mean = self.running_mean.repeat(s, 1) if tracked else None
+        var = self.running_var.repeat(s, 1) if tracked else None
+        if torch.compiler.is_compiling():
+            out = torch.cat([F.batch_norm(xb, None if mean is None else mean[i], None if var is None else var[i],
+                                          self.weight, self.bias, True, self.momentum, self.eps)
+                             for i, xb in enumerate(x.chunk(s))])
+        else:
+            if not x.is_contiguous(memory_format=_layout_of(x)):
+                x = x.contiguous()  # a strided view (not what a conv hands over): blocks must be dense slices
+            out = _BlockBatchNorm.apply(x, self.weight, self.bias, mean, var, s, self.momentum, self.eps)
+        if tracked:
+            with torch.no_grad():
+                self.running_mean.copy_(mean.mean(0))
+                self.running_var.copy_(var.mean(0))
+                self.num_batches_tracked.add_(1)
+        return out
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, num_splits={self.num_splits}"
