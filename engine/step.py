@@ -32,6 +32,7 @@ class StepCounters:
         return [self.steps, self.nonfinite, self.skipped, self.first_nonfinite]
 
     def count(self, loss: torch.Tensor) -> None:
+        """Scalar bookkeeping on the device (a cast and a copy of one element each: the step's only copies here)."""
         bad = ~torch.isfinite(loss)
         self.nonfinite += bad.long()
         self.first_nonfinite.copy_(torch.where(bad, torch.minimum(self.first_nonfinite, self.steps),

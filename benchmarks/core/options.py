@@ -52,6 +52,9 @@ def add_measurement_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--check-syncs", action="store_true",
                         help="run steps under torch.cuda.set_sync_debug_mode('error') on a GPU; on the CPU, "
                              "list the ops that would sync on one (item, nonzero, boolean masks, ...)")
+    parser.add_argument("--check-copies", action="store_true",
+                        help="count, per stage, the MB that copies and layout conversions write in one step "
+                             "(copy_, clone, contiguous, cat, gathers, .to(memory_format)) and where each is issued")
     parser.add_argument("--trace", type=Path, metavar="DIR", help="write a torch.profiler Chrome trace here")
     parser.add_argument("--json", type=Path, metavar="FILE", help="write the results here")
     parser.add_argument("--png", type=Path, metavar="FILE", help="write a chart of the results here")

@@ -112,8 +112,21 @@ def print_record(record: dict, console: Console) -> None:
     for name, value in figures(record):
         summary.add_row(name, value)
     console.print(summary)
+    if "copy_check" in record:
+        print_copies(record["copy_check"], console)
     for note in record.get("notes", []):
         console.print(f"[dim]note: {note}[/dim]")
+
+
+def print_copies(check: dict, console: Console) -> None:
+    table = Table(title=f"copies in one step: {check['mb_per_step']:,.1f} MB written, "
+                        f"{check['layout_changes']:g} layout changes", title_justify="left")
+    for column in ("stage", "op", "issued at", "layout change", "count", "MB"):
+        table.add_column(column, justify="right" if column in ("count", "MB") else "left", overflow="fold")
+    for row in check["copies"]:
+        table.add_row(row["stage"], row["op"], row["where"], "yes" if row["layout_change"] else "",
+                      f"{row['count']:g}", f"{row['mb']:,.2f}")
+    console.print(table)
 
 
 def print_comparison(rows: list[dict], console: Console) -> None:

@@ -87,6 +87,14 @@ def measure(cfg: TrainConfig, runtime: Runtime, precision: str, opts: argparse.N
     }
     if opts.check_syncs:
         result["sync_check"] = diagnostics.check_no_host_syncs(one_step, device)
+    if opts.check_copies:
+        def install(stage):
+            set_stage(moco, eager, stage)
+            return lambda: set_stage(moco, eager, no_stage)
+
+        result["copy_check"] = diagnostics.count_copies(lambda: eager(*next(inputs)), install)
+        if cfg.step.compile:
+            notes.append("copies: compiled regions run as fused kernels, whose copies are no ATen ops to count")
     if opts.trace:
         set_stage(moco, eager, torch.profiler.record_function)
         result["traces"] = [diagnostics.write_trace(one_step, device, min(opts.steps, 5), opts.trace,
