@@ -29,7 +29,8 @@ from engine.config import ConfigError, TrainConfig, loader_options, to_dict, val
 from engine.cuda_graph import GraphedStep
 from engine.distributed import (Runtime, from_main, gather_on_main, init_runtime, max_over_ranks, pick_device,
                                 restart_hazard, shutdown, world_size_from_env)
-from engine.optim import build_optimizer, check_same_optimizer, learning_rate, set_learning_rate
+from engine.optim import (build_optimizer, check_same_optimizer, lay_out_state_like_params, learning_rate,
+                          set_learning_rate)
 from engine.rundir import RunDir
 from engine.scalars import Scalars, peak_device_mb, peak_host_rss_mb
 from engine.signals import StopSignals
@@ -59,8 +60,7 @@ def build_model(cfg: TrainConfig, runtime: Runtime):
     m = cfg.model
     moco = MoCo(functools.partial(build_encoder, m.arch), dim=m.moco_dim, K=m.moco_k, m=m.moco_m, T=m.moco_t,
                 mlp=m.mlp, shuffle=m.shuffle, bn_splits=m.bn_splits)
-    moco.memory_format = memory_format(cfg)
-    moco = moco.to(runtime.device, memory_format=moco.memory_format)
+    moco = moco.to(runtime.device, memory_format=memory_format(cfg))
     if cfg.step.compile:  # in place: the state-dict keys stay those of the official layout
         moco.encoder_q.compile()
         moco.encoder_k.compile()
@@ -220,6 +220,7 @@ class Trainer:
             check_same_optimizer(saved_cfg.get("optim", {}).get("optimizer", "sgd"), cfg.optim.optimizer)
             try:
                 self.optimizer.load_state_dict(checkpoint["optimizer"])
+                lay_out_state_like_params(self.optimizer)
             except (KeyError, RuntimeError, ValueError) as e:
                 raise CheckpointError(f"checkpoint {path}: its optimizer state does not fit: {first_line_of(e)}") \
                     from None

@@ -69,7 +69,6 @@ class MoCo(nn.Module):
         self.register_buffer("queue", F.normalize(torch.randn(dim, K), dim=0))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
         self.stage = no_stage
-        self.memory_format = torch.channels_last  # of the key batch after the shuffle's gather
 
     @torch.no_grad()
     def _momentum_update_key_encoder(self):
@@ -107,7 +106,7 @@ class MoCo(nn.Module):
     def _batch_shuffle_split(self, x):
         """One device: permute the keys so each lands in a random BN sub-batch."""
         idx_shuffle = torch.randperm(x.shape[0], device=x.device)
-        return x[idx_shuffle], torch.argsort(idx_shuffle)
+        return x[idx_shuffle], torch.argsort(idx_shuffle)  # a gather: the one copy Shuffle BN itself needs
 
     @torch.no_grad()
     def _compute_keys(self, im_k):
@@ -118,18 +117,20 @@ class MoCo(nn.Module):
             elif self.shuffle == "split":
                 im_k, idx_unshuffle = self._batch_shuffle_split(im_k)
         with self.stage("key_forward"):
-            k = F.normalize(self.encoder_k(im_k.contiguous(memory_format=self.memory_format)).float(), dim=1)
+            # The shuffle's gathers and index keep the key batch in the layout it came in.
+            k = F.normalize(self.encoder_k(im_k).float(), dim=1)
         with self.stage("unshuffle"):
             if self.shuffle == "ddp":
                 k = self._batch_unshuffle_ddp(k, idx_unshuffle)
             elif self.shuffle == "split":
-                k = k[idx_unshuffle]
+                k = k[idx_unshuffle]  # a gather of N x dim keys
         return k
 
     def _contrastive_logits(self, q, k):
         """fp32 logits: the positive key in column 0, then one column per queued negative."""
         with torch.autocast(device_type=q.device.type, enabled=False):
             l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)
+            # A copy: the queue is overwritten before the backward, which needs these negatives.
             l_neg = torch.einsum("nc,ck->nk", q, self.queue.clone().detach())
             logits = torch.cat([l_pos, l_neg], dim=1) / self.T
         labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
@@ -149,7 +150,7 @@ class MoCo(nn.Module):
             k = self._compute_keys(im_k)
         if fused_loss:
             with self.stage("loss"), torch.autocast(device_type=q.device.type, enabled=False):
-                output = infonce_loss(q, k, self.queue.clone(), self.T)
+                output = infonce_loss(q, k, self.queue, self.T)
         else:
             with self.stage("logits"):
                 output = self._contrastive_logits(q, k)

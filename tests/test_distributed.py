@@ -9,7 +9,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from benchmarks.core.diagnostics import CopyCounter
 from model import MoCo, build_encoder
+from model.distributed import concat_all_gather
 
 BATCH, K, STEPS = 8, 64, 3
 
@@ -49,7 +51,14 @@ def _worker(rank, world_size, port, out_dir):
         dist.broadcast(buffer, src=0)
     keys_shuffled_bn = moco._compute_keys(x)
     keys_direct = F.normalize(moco.encoder_k(x), dim=1)
-    torch.save(dict(shuffle_mode=moco.shuffle, queue=moco.queue, ptr=int(moco.queue_ptr), enqueued=enqueued, x=x,
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    with CopyCounter() as copies:
+        gathered_cl = concat_all_gather(x_cl)
+        shuffled_cl, _ = moco._batch_shuffle_ddp(x_cl)
+    layouts = dict(gathered=gathered_cl.is_contiguous(memory_format=torch.channels_last),
+                   shuffled=shuffled_cl.is_contiguous(memory_format=torch.channels_last),
+                   copies=[row["op"] for row in copies.rows() if row["op"] != "index"])
+    torch.save(dict(gathered_cl=gathered_cl, layouts=layouts, shuffle_mode=moco.shuffle, queue=moco.queue, ptr=int(moco.queue_ptr), enqueued=enqueued, x=x,
                     shuffled=shuffled, round_trip=round_trip, keys_shuffled_bn=keys_shuffled_bn,
                     keys_direct=keys_direct), os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
@@ -66,6 +75,9 @@ def test_two_process_queue_and_shuffle(tmp_path):
         torch.testing.assert_close(r0["queue"][:, start : start + BATCH], r0["enqueued"][step].T)
         torch.testing.assert_close(r0["queue"][:, start + BATCH : start + 2 * BATCH], r1["enqueued"][step].T)
     for r in (r0, r1):
+        # a channels_last batch is gathered as it lies: no conversion to NCHW and back, only the shuffle's gather
+        assert torch.equal(r["gathered_cl"], torch.cat([r0["x"], r1["x"]]))
+        assert r["layouts"] == dict(gathered=True, shuffled=True, copies=[])
         assert torch.equal(r["round_trip"], r["x"])
         torch.testing.assert_close(r["keys_shuffled_bn"], r["keys_direct"], rtol=1e-5, atol=1e-6)
     # the shuffle really moves images across ranks: some of rank 0's keys were computed on rank 1

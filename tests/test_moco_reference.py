@@ -82,13 +82,17 @@ def test_fused_infonce_equals_cross_entropy_over_concatenated_logits():
     torch.testing.assert_close(grad_fused, grad_reference, rtol=1e-10, atol=1e-14)
 
 
-def test_fused_infonce_refuses_a_second_backward():
-    """The backward reuses its saved logits in place, so a retained graph must fail loudly, not silently."""
-    q = torch.randn(4, 8, requires_grad=True)
-    loss = infonce_loss(q, torch.randn(4, 8), torch.randn(8, 16), 0.2)
-    loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        loss.backward()
+def test_fused_infonce_gradient_survives_the_queue_update():
+    """The enqueue overwrites the queue before the backward runs: the fused loss holds no reference to it, so its
+    gradient is the one of the queue it saw (the official code needs a copy of the queue for that)."""
+    torch.manual_seed(0)
+    q = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    k, queue = torch.randn(4, 8, dtype=torch.float64), torch.randn(8, 16, dtype=torch.float64)
+    (expected,) = torch.autograd.grad(infonce_loss(q, k, queue.clone(), 0.2), q)
+    loss = infonce_loss(q, k, queue, 0.2)
+    queue.normal_()  # the queue update, in place
+    (grad,) = torch.autograd.grad(loss, q)
+    torch.testing.assert_close(grad, expected, rtol=1e-12, atol=0)
 
 
 def test_logits_are_fp32_under_bf16_autocast():
