@@ -71,6 +71,16 @@ def check_same_optimizer(saved: str, name: str) -> None:
                           f"--optimizer {saved}")
 
 
+def lay_out_state_like_params(optimizer: torch.optim.Optimizer) -> None:
+    """Give every per-parameter state tensor (SGD's momentum buffer, LARS's mu) its parameter's strides. A loaded
+    state keeps the layout it was saved in (an official or --no-channels-last checkpoint's NCHW), and CUDA's fused
+    SGD refuses buffers whose strides differ from their parameters'. A copy once per resume, never per step."""
+    for p, state in optimizer.state.items():
+        for name, value in state.items():
+            if isinstance(value, torch.Tensor) and value.shape == p.shape and value.stride() != p.stride():
+                state[name] = torch.empty_like(p).copy_(value)
+
+
 def learning_rate(cfg: OptimConfig, epoch_progress: float, epochs: int) -> float:
     """The lr at a fractional epoch: linear warm-up, then cosine to 0 or the paper's x0.1 steps."""
     if epoch_progress < cfg.warmup_epochs:

@@ -137,6 +137,30 @@ def test_resume_an_fp32_checkpoint_in_fp16(small_fashion, tmp_path):
     assert "scaler" in load_checkpoint(tmp_path / "checkpoint_last.pth.tar")
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "lars"])
+def test_resuming_a_contiguous_checkpoint_lays_momentum_out_like_channels_last_params(small_fashion, tmp_path,
+                                                                                     optimizer):
+    """CUDA's fused SGD refuses a momentum buffer whose strides differ from its parameter's: an NCHW checkpoint
+    (--no-channels-last, or the official code's) resumed into a channels_last run must have its buffers re-laid."""
+    assert quick_run(small_fashion, tmp_path, "--no-channels-last", "--optimizer", optimizer) == 0
+    saved = load_checkpoint(tmp_path / "checkpoint_last.pth.tar")["optimizer"]["state"]
+    assert any(v.dim() == 4 and not v.is_contiguous(memory_format=torch.channels_last)
+               for state in saved.values() for v in state.values() if isinstance(v, torch.Tensor))
+    trainer = Trainer(parse_config(["--data", small_fashion, "--out", str(tmp_path), *QUICK, "--optimizer", optimizer,
+                                    "--epochs", "2", "--resume", "auto"]))
+    try:
+        trainer.build()
+        states = [(p, trainer.optimizer.state[p]) for group in trainer.optimizer.param_groups for p in group["params"]]
+        assert any(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) for p, _ in states)
+        buffers = [(p, v) for p, state in states for v in state.values() if isinstance(v, torch.Tensor)
+                   and v.shape == p.shape]
+        assert len(buffers) == len(states)
+        assert all(v.stride() == p.stride() for p, v in buffers)
+        trainer.run()  # and it trains on
+    finally:
+        trainer.close()
+
+
 def test_resume_with_another_optimizer_is_refused(small_fashion, tmp_path, capsys):
     assert quick_run(small_fashion, tmp_path) == 0
     assert quick_run(small_fashion, tmp_path, "--optimizer", "lars", "--epochs", "2", "--resume", "auto") == 2
