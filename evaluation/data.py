@@ -10,15 +10,16 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from pipeline.augs import AugRecipe, get_recipe
-from pipeline.common import default_workers, to_step_layout
+from pipeline.common import DeviceNormalize, default_workers, to_uint8_hwc
 from pipeline.datasets import is_fashion_mnist, resolve_dataset
 from pipeline.torch_loader import LeaveStoppingToTheMainProcess
 
 
 def eval_transform(recipe: AugRecipe, image_size: int, resize: bool) -> T.Compose:
-    """The un-augmented view for kNN and the linear probe: resize to 1/0.875, centre crop, normalise."""
+    """The un-augmented view for kNN and the linear probe: resize to 1/0.875, centre crop; HWC uint8 out, which
+    the loader normalises on the device."""
     ops: list = [T.Resize(round(image_size / 0.875)), T.CenterCrop(image_size)] if resize else []
-    return T.Compose(ops + [T.ToTensor(), T.Normalize(recipe.mean, recipe.std)])
+    return T.Compose(ops + [to_uint8_hwc])
 
 
 class EvalDataset(Dataset):
@@ -36,9 +37,9 @@ class EvalDataset(Dataset):
 class EvalLoader:
     """Calling it gives (images, labels) batches of this rank's share of the chosen images, on the device."""
 
-    def __init__(self, dataset, transform, indices: list[int], *, rank: int, world_size: int, batch_size: int,
-                 device, dtype, num_workers: int, seed: int):
-        self.device, self.dtype = torch.device(device), dtype
+    def __init__(self, dataset, transform, normalize, indices: list[int], *, rank: int, world_size: int,
+                 batch_size: int, device, num_workers: int, seed: int):
+        self.device, self.normalize = torch.device(device), normalize
         self.shard_sizes = [len(indices[r::world_size]) for r in range(world_size)]
         self.loader = DataLoader(EvalDataset(dataset, transform, indices[rank::world_size]), batch_size=batch_size,
                                  num_workers=num_workers, pin_memory=self.device.type == "cuda",
@@ -47,7 +48,7 @@ class EvalLoader:
 
     def __call__(self):
         for images, labels in self.loader:
-            yield to_step_layout(images, self.device, self.dtype), labels.to(self.device, non_blocking=True)
+            yield self.normalize(images), labels.to(self.device, non_blocking=True)
 
 
 def build_eval_loader(data, split, *, image_size, batch_size, device, dtype=torch.float32, max_samples=None,
@@ -62,7 +63,8 @@ def build_eval_loader(data, split, *, image_size, batch_size, device, dtype=torc
     indices = sorted(indices[:max_samples] if max_samples else indices)
     if verify and hasattr(dataset, "verify"):
         dataset.verify(indices)  # all of them on every rank: a bad image stops every rank, not the one reading it
-    transform = eval_transform(get_recipe("v2"), image_size, resize=not is_fashion_mnist(data))
-    return EvalLoader(dataset, transform, indices, rank=rank, world_size=world_size, batch_size=batch_size,
-                      device=device, dtype=dtype, num_workers=default_workers() if num_workers is None else num_workers,
-                      seed=seed)
+    recipe = get_recipe("v2")
+    transform = eval_transform(recipe, image_size, resize=not is_fashion_mnist(data))
+    return EvalLoader(dataset, transform, DeviceNormalize(recipe.mean, recipe.std, device, dtype), indices, rank=rank,
+                      world_size=world_size, batch_size=batch_size, device=device,
+                      num_workers=default_workers() if num_workers is None else num_workers, seed=seed)

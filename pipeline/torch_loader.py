@@ -1,6 +1,9 @@
 """The reference loader: the official MoCo recipe (PIL + torchvision transforms, DataLoader workers,
 pinned memory, non_blocking copies). Every faster loader is checked against this one.
 
+Workers hand over uint8 NHWC batches and the ImageNet normalisation runs on the device (`DeviceNormalize`):
+ToTensor + Normalize within float rounding, at a quarter of the bytes and none of the workers' float work.
+
 Unlike the official code, each sample's augmentation is seeded from (seed, epoch, image index), so a run
 is reproducible whatever the worker count, and a resumed run sees exactly the views it would have seen.
 """
@@ -18,7 +21,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 
 from pipeline.augs import AugRecipe, get_recipe
-from pipeline.common import check_start_step, default_workers, derive_seed, epoch_shard, steps_per_epoch, to_step_layout
+from pipeline.common import (DeviceNormalize, check_start_step, default_workers, derive_seed, epoch_shard,
+                             steps_per_epoch, to_uint8_hwc)
 from pipeline.datasets import resolve_dataset
 
 
@@ -34,7 +38,7 @@ class GaussianBlur:
 
 
 def view_transform(recipe: AugRecipe, image_size: int) -> T.Compose:
-    """One augmented view, PIL image in, normalised float CHW tensor out."""
+    """One augmented view, PIL image in, HWC uint8 tensor out (normalised later, on the device)."""
     ops: list = [T.RandomResizedCrop(image_size, scale=recipe.crop_scale, ratio=recipe.crop_ratio)]
     if recipe.jitter_prob > 0:
         jitter = T.ColorJitter(recipe.brightness, recipe.contrast, recipe.saturation, recipe.hue)
@@ -42,7 +46,7 @@ def view_transform(recipe: AugRecipe, image_size: int) -> T.Compose:
     ops.append(T.RandomGrayscale(p=recipe.grayscale_prob))
     if recipe.blur_prob > 0:
         ops.append(T.RandomApply([GaussianBlur(recipe.blur_sigma)], p=recipe.blur_prob))
-    ops += [T.RandomHorizontalFlip(recipe.flip_prob), T.ToTensor(), T.Normalize(recipe.mean, recipe.std)]
+    ops += [T.RandomHorizontalFlip(recipe.flip_prob), to_uint8_hwc]
     return T.Compose(ops)
 
 
@@ -110,8 +114,8 @@ class TorchLoader:
     """Iterates (im_q, im_k, labels) on the device; `set_epoch` picks the shuffle and the first step, else epochs
     advance. Each sample's views follow from its own seed, so nothing but (epoch, step) is needed to resume."""
 
-    def __init__(self, dataset, transform, *, batch_size, device, dtype, rank, world_size, seed, num_workers):
-        self.device, self.dtype, self.batch_size = torch.device(device), dtype, batch_size
+    def __init__(self, dataset, transform, normalize, *, batch_size, device, rank, world_size, seed, num_workers):
+        self.device, self.normalize, self.batch_size = torch.device(device), normalize, batch_size
         self.sampler = ShardSampler(len(dataset), rank, world_size, seed)
         self.steps = steps_per_epoch(len(dataset), batch_size, world_size)
         self.loader = DataLoader(
@@ -137,8 +141,7 @@ class TorchLoader:
     def __iter__(self):
         try:
             for im_q, im_k, labels in self.loader:
-                yield (to_step_layout(im_q, self.device, self.dtype), to_step_layout(im_k, self.device, self.dtype),
-                       labels.to(self.device, non_blocking=True))
+                yield self.normalize(im_q), self.normalize(im_k), labels.to(self.device, non_blocking=True)
         finally:  # also when the consumer stops early: the next iteration is the next epoch, from its start
             self.sampler.epoch, self.sampler.start = self.sampler.epoch + 1, 0
 
@@ -146,7 +149,8 @@ class TorchLoader:
 def build(data, *, batch_size, image_size, device, aug="v2", rank=0, world_size=1, seed=0,
           dtype=torch.float32, num_workers=None, verify=True):
     dataset = resolve_dataset(data, "train", image_size, verify)
-    transform = view_transform(get_recipe(aug), image_size)
+    recipe = get_recipe(aug)
     workers = default_workers() if num_workers is None else num_workers
-    return TorchLoader(dataset, transform, batch_size=batch_size, device=device, dtype=dtype, rank=rank,
-                       world_size=world_size, seed=seed, num_workers=workers)
+    normalize = DeviceNormalize(recipe.mean, recipe.std, device, dtype)
+    return TorchLoader(dataset, view_transform(recipe, image_size), normalize, batch_size=batch_size, device=device,
+                       rank=rank, world_size=world_size, seed=seed, num_workers=workers)

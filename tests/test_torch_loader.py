@@ -61,6 +61,34 @@ def test_fashion_mnist_values_match_the_idx_pixels():
         assert img.min() >= (0 - max(IMAGENET_MEAN)) / min(IMAGENET_STD) - 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_uint8_views_normalised_on_the_device_equal_totensor_normalize(dtype):
+    """The workers hand over uint8 and the device normalises: the views equal what torchvision's ToTensor +
+    Normalize give for the same images and seeds (the full aug+ recipe), within float rounding."""
+    from torchvision import transforms as T
+
+    from pipeline.torch_loader import view_transform
+
+    loader = build_loader("torch", "fashion-mnist", batch_size=8, image_size=32, device="cpu", dtype=dtype,
+                          num_workers=2)
+    recipe = get_recipe("v2")
+    uint8_ops = view_transform(recipe, 32).transforms
+    reference = T.Compose(uint8_ops[:-1] + [T.ToTensor(), T.Normalize(recipe.mean, recipe.std)])
+    dataset = resolve_dataset("fashion-mnist", "train", 32)
+    keys = list(loader.sampler)[:8]  # epoch 0's first batch (iterating ends the epoch)
+    im_q, im_k, _ = next(iter(loader))
+    expected = []
+    for index, seed in keys:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            img, _ = dataset[index]
+            expected.append((reference(img), reference(img)))
+    for view, ref in ((im_q, torch.stack([e[0] for e in expected])), (im_k, torch.stack([e[1] for e in expected]))):
+        assert view.dtype == dtype and view.is_contiguous(memory_format=torch.channels_last)
+        tolerance = dict(rtol=0, atol=1e-5) if dtype == torch.float32 else dict(rtol=8e-3, atol=8e-3)
+        torch.testing.assert_close(view.float(), ref.to(dtype).float(), **tolerance)
+
+
 def test_two_views_differ_and_seed_reproduces(colour_folder):
     make = lambda seed, workers: build_loader("torch", "fashion-mnist", batch_size=16, image_size=28, device="cpu",
                                               seed=seed, num_workers=workers)

@@ -18,7 +18,7 @@ from benchmarks.core import host, timing, workload
 from engine.config import TrainConfig
 from engine.distributed import Runtime
 from pipeline.augs import get_recipe
-from pipeline.common import to_step_layout
+from pipeline.common import DeviceNormalize
 from pipeline.datasets import resolve_dataset
 from pipeline.torch_loader import view_transform
 
@@ -28,7 +28,8 @@ PIECES = ("read_decode", "augment", "collate", "h2d")
 def measure(cfg: TrainConfig, runtime: Runtime, precision: str, sample: int) -> dict[str, float]:
     """ms per batch of each piece, on one core; the copy is timed on a full batch, median of 5."""
     dataset = resolve_dataset(cfg.data.data, "train", cfg.data.image_size)
-    transform = view_transform(get_recipe(cfg.data.aug), cfg.data.image_size)
+    recipe = get_recipe(cfg.data.aug)
+    transform = view_transform(recipe, cfg.data.image_size)
     generator = torch.Generator().manual_seed(cfg.run.seed)
     indices = torch.randperm(len(dataset), generator=generator)[:sample].tolist()
     batch = workload.per_rank_batch(cfg, runtime)
@@ -46,12 +47,15 @@ def measure(cfg: TrainConfig, runtime: Runtime, precision: str, sample: int) -> 
         "read_decode": (decoded - start) * per_image,
         "augment": (augmented - decoded) * per_image,
         "collate": (collated - augmented) * per_image,
-        "h2d": h2d_ms(im_q, im_k, batch, runtime.device, workload.input_dtype(precision)),
+        "h2d": h2d_ms(im_q, im_k, batch,
+                      DeviceNormalize(recipe.mean, recipe.std, runtime.device, workload.input_dtype(precision))),
     }
 
 
-def h2d_ms(im_q: torch.Tensor, im_k: torch.Tensor, batch: int, device: torch.device, dtype: torch.dtype) -> float:
-    """Both views of a full batch, from pinned memory (on a GPU) into the step's layout on the device."""
+def h2d_ms(im_q: torch.Tensor, im_k: torch.Tensor, batch: int, normalize: DeviceNormalize) -> float:
+    """Both views of a full uint8 batch, from pinned memory (on a GPU), normalised into the step's layout on the
+    device."""
+    device = normalize.device
     im_q, im_k = (x.repeat(math.ceil(batch / len(x)), 1, 1, 1)[:batch] for x in (im_q, im_k))
     if device.type == "cuda":
         im_q, im_k = im_q.pin_memory(), im_k.pin_memory()
@@ -59,7 +63,7 @@ def h2d_ms(im_q: torch.Tensor, im_k: torch.Tensor, batch: int, device: torch.dev
     for _ in range(5):
         timing.synchronize(device)
         start = time.perf_counter()
-        to_step_layout(im_q, device, dtype), to_step_layout(im_k, device, dtype)
+        normalize(im_q), normalize(im_k)
         timing.synchronize(device)
         times.append(1e3 * (time.perf_counter() - start))
     return statistics.median(times)

@@ -7,8 +7,9 @@ per image; each side's cost is this process's CPU time, threads included, over a
 (median over --repeats epochs, after one warm-up epoch that also compiles FFCV's pipeline):
 
   torch v2         the reference loader's host work: PIL decode, RandomResizedCrop, aug+ (jitter, grayscale,
-                   PIL blur), flip, ToTensor, Normalize, collate; in this process with one torch thread, as in
-                   a DataLoader worker (torch_loader's DataLoader, without its device copy)
+                   PIL blur), flip, uint8 HWC tensors, collate (normalisation runs on the device); in this
+                   process with one torch thread, as in a DataLoader worker (torch_loader's DataLoader, without
+                   its device copy)
   torch crop+flip  the same with jitter, grayscale and blur off: the like-for-like figure for FFCV
   ffcv ...         FFCV's half of the ffcv loader (`make_ffcv_loader`): JPEG decode and RandomResizedCrop,
                    decoding once for both views (decode once, the default) or once per view (decode twice),
