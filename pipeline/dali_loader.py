@@ -237,7 +237,9 @@ def two_view_pipeline(dataset, shard, recipe, image_size, gpu, decode, output_ty
         jpegs, labels = read_jpegs(dataset, shard)
         views = jpeg_views(jpegs, recipe, image_size, gpu, decode, decoder_options)
     im_q, im_k = (augment(view, recipe, output_type) for view in views)
-    return im_q, im_k, labels
+    # On the GPU the labels leave DALI as a device tensor, copied by DALI ahead of the step rather than by torch from
+    # pageable memory at it; and no output leaves DALI pinned (DLPack's kDLCUDAHost, which torch cannot import).
+    return im_q, im_k, labels.gpu() if gpu else labels
 
 
 # --- the loader ---
@@ -266,24 +268,25 @@ def unreadable_file(dataset, in_flight: np.ndarray) -> DataError | None:
 
 
 class InFlight:
-    """Keeps the zero-copy views of each batch alive until the device work queued after it has run.
+    """Keeps the zero-copy views of each batch alive until the device work that reads them has run.
 
-    The views share DALI's buffers, which DALI may refill once torch lets go of them. Python drops a batch when the
-    loop asks for the next one, but on a GPU the step that reads it may still be queued then, so each batch is held
-    with an event recorded on torch's stream at that moment and let go once the event has passed (`query`, no
-    wait). Only when more than `limit` batches are still unfinished does the host wait for the oldest: the GPU is
-    that far behind anyway. On the CPU every op has finished when it returns, so nothing is held.
+    The views share DALI's buffers, which DALI may reuse once torch lets go of them; but on a GPU the step that
+    reads a batch is only queued after the batch is handed out. So a batch is `release`d when the consumer comes
+    back for the next one (it has queued its step on this one by then) or stops: an event recorded on torch's
+    stream at that moment follows the step, and the batch is let go once the event has passed (`query`, no wait).
+    Only when more than `limit` batches are still unfinished does the host wait for the oldest: the GPU is that far
+    behind anyway. On the CPU every op has finished when it returns, so nothing is held.
     """
 
     def __init__(self, device: torch.device, limit: int = 8):
         self.device, self.limit = device, limit
         self.held: collections.deque = collections.deque()
 
-    def hold(self, batch: tuple) -> None:
+    def release(self, batch: tuple) -> None:
         if self.device.type != "cuda":
             return
         event = torch.cuda.Event()
-        event.record()
+        event.record(torch.cuda.current_stream(self.device))
         self.held.append((batch, event))
         while self.held and (self.held[0][1].query() or len(self.held) > self.limit):
             self.held.popleft()[1].synchronize()
@@ -357,14 +360,18 @@ class DaliLoader:
             # one, the same list as the pipeline that saved it.
             checkpoint, self.skipped = restore or (None, start)
             shard, start_in_shard = shard[self.skipped * self.batch_size :], start - self.skipped
+            # The last epoch's pipeline goes first: nothing else refers to it, so it is shut down here and its
+            # buffers return to DALI's memory pools, from which the next one allocates (two are never alive at once).
+            self.pipe = None
             self.pipe = self.pipeline(shard, self.epoch, checkpoint)
             for step in range(start_in_shard, start_in_shard + self.steps - start):
                 im_q, im_k, labels = self.run(self.pipe, shard, step)
-                views = to_torch(im_q).permute(0, 3, 1, 2), to_torch(im_k).permute(0, 3, 1, 2)
-                self.in_flight.hold(views)
-                # Labels are copied out of DALI's host buffer here, on the host, before they travel.
-                labels = to_torch(labels).view(-1).to(torch.int64).to(self.device, non_blocking=True)
-                yield (*(to_step_layout(v, self.device, self.dtype) for v in views), labels)
+                views = to_torch(im_q).permute(0, 3, 1, 2), to_torch(im_k).permute(0, 3, 1, 2), to_torch(labels)
+                try:  # labels are already on the device (a GPU output there, see `two_view_pipeline`)
+                    yield (*(to_step_layout(v, self.device, self.dtype) for v in views[:2]),
+                           views[2].view(-1).to(torch.int64))
+                finally:  # the consumer has queued its step on this batch, or stopped
+                    self.in_flight.release(views)
         finally:  # also when the consumer stops early: the next iteration is the next epoch, from its start
             self.epoch, self.start_step = self.epoch + 1, 0
 
@@ -385,18 +392,23 @@ def pipeline_device(device) -> torch.device:
 
 def build(data, *, batch_size, image_size, device, aug="v2", rank=0, world_size=1, seed=0, dtype=torch.float32,
           decode="once", num_workers=None, prefetch_queue_depth=2, hw_decoder_load=0.65,
-          device_memory_padding=16 << 20, host_memory_padding=8 << 20, verify=True):
+          device_memory_padding=211025920, host_memory_padding=140544512, preallocate_width_hint=5980,
+          preallocate_height_hint=6430, verify=True):
     """The `dali` backend. `decode`: "once" (decode, crop twice) or "roi" (two ROI decodes; JPEG data only).
     `num_workers`: DALI's CPU threads (train.py's --workers, as for the other loaders).
-    `hw_decoder_load`, `device_memory_padding`, `host_memory_padding`: the mixed decoder's hardware-decoder share and
-    nvJPEG device/pinned-host preallocation per thread (DALI's defaults; raise them for large images)."""
+    `hw_decoder_load`, `device_memory_padding`, `host_memory_padding`, `preallocate_width_hint`,
+    `preallocate_height_hint`: the mixed decoder's hardware-decoder share, nvJPEG's preallocation per thread (one
+    device buffer, two pinned host buffers) and the hardware decoder's for the largest image. The defaults are DALI's
+    ResNet-50 ImageNet example's, so no buffer grows mid-epoch on ImageNet; per DALI thread and decoder ("roi" has
+    two) they cost 201 MiB of device and 268 MiB of pinned host memory: lower them for small images or many ranks."""
     if decode not in DECODE_STRATEGIES:
         raise ValueError(f"unknown decode strategy {decode!r}; choose one of: {', '.join(DECODE_STRATEGIES)}")
     if dtype not in OUTPUT_TYPES:
         raise ValueError(f"the dali loader outputs {', '.join(map(str, OUTPUT_TYPES))}, not {dtype}")
     dataset = resolve_dataset(data, "train", image_size, verify)
     decoder_options = dict(hw_decoder_load=hw_decoder_load, device_memory_padding=device_memory_padding,
-                           host_memory_padding=host_memory_padding)
+                           host_memory_padding=host_memory_padding, preallocate_width_hint=preallocate_width_hint,
+                           preallocate_height_hint=preallocate_height_hint)
     return DaliLoader(dataset, get_recipe(aug), batch_size=batch_size, image_size=image_size,
                       device=pipeline_device(device), dtype=dtype, rank=rank, world_size=world_size, seed=seed,
                       decode=decode, num_threads=num_workers or default_workers(),

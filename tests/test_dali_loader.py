@@ -2,8 +2,10 @@
 reference loader's. CPU mode everywhere (the same graph as on the GPU); GPU-only features run where there is one."""
 
 import dataclasses
+import gc
 import io
 import threading
+import weakref
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ import torch
 import torchvision.transforms.functional as F
 from conftest import requires_cuda
 from nvidia.dali import fn, pipeline_def
+from nvidia.dali.tensors import TensorListGPU
 from PIL import Image, ImageFilter
 from scipy import stats
 
@@ -126,6 +129,67 @@ def test_values_and_labels_match_the_files(indexed_folder, dtype, device):
                 expected = ((colour - MEAN[0]) / STD[0]).expand_as(image)
                 torch.testing.assert_close(image, expected, atol=0.05, rtol=0)  # JPEG: within 3 levels
                 assert label == index % INDEXED_CLASSES
+
+
+def test_the_last_epochs_pipeline_is_released_before_the_next_is_built(photo_folder):
+    """Two pipelines (and on a GPU two sets of decoder buffers) are never alive at once: after a whole epoch, after
+    one left early and closed, and after one left early and abandoned. By reference counting alone: the cyclic
+    garbage collector, which would hide a reference cycle keeping a pipeline alive, is off."""
+    loader = dali(photo_folder, batch_size=8, image_size=16)
+    built, alive_at_build = [], []
+    original = type(loader).pipeline
+
+    def pipeline(self, *args):
+        alive_at_build.append(sum(ref() is not None for ref in built))
+        pipe = original(self, *args)
+        built.append(weakref.ref(pipe))
+        return pipe
+
+    loader.pipeline = pipeline.__get__(loader)
+    gc.disable()
+    try:
+        assert len(list(loader)) == len(loader)
+        closed = iter(loader)
+        next(closed)
+        closed.close()
+        abandoned = iter(loader)
+        next(abandoned)
+        assert len(list(loader)) == len(loader)
+    finally:
+        gc.enable()
+    assert alive_at_build == [0, 0, 0, 0] and sum(ref() is not None for ref in built) == 1
+
+
+def test_cpu_labels_are_the_datasets_as_int64(indexed_folder):
+    loader = dali(indexed_folder, seed=5)
+    labels = torch.cat([labels for _, _, labels in loader])
+    shard = dali_loader.epoch_batches_shard(len(loader.dataset), 8, 0, 1, 5, 0)
+    assert labels.dtype == torch.int64 and labels.device.type == "cpu"
+    assert labels.tolist() == loader.dataset.targets[shard].tolist()
+
+
+@pytest.mark.parametrize("gpu", [False, True])
+@pytest.mark.parametrize("decode, decoder", [("once", "image"), ("roi", "image_random_crop")])
+def test_decoder_preallocation_goes_to_the_mixed_decoder_only(photo_folder, monkeypatch, gpu, decode, decoder):
+    """DALI's ResNet-50 ImageNet example's preallocation is the default; the CPU decoder takes none of it. The
+    graph is only defined here, not built, so the mixed decoder's arguments can be read without a GPU."""
+    options = dali(photo_folder).decoder_options
+    assert options == dict(hw_decoder_load=0.65, device_memory_padding=211025920, host_memory_padding=140544512,
+                           preallocate_width_hint=5980, preallocate_height_hint=6430)
+    calls = []
+    real = getattr(fn.decoders, decoder)
+    monkeypatch.setattr(fn.decoders, decoder, lambda *args, **kwargs: (calls.append(kwargs), real(*args, **kwargs))[1])
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=0 if gpu else None)
+    def graph():
+        jpegs, _ = fn.readers.file(files=[str(next(photo_folder.rglob("*.jpg")))], labels=[0])
+        return tuple(dali_loader.jpeg_views(jpegs, get_recipe("v2"), 16, gpu, decode, options))
+
+    graph()
+    assert len(calls) == (2 if decode == "roi" else 1)
+    for call in calls:
+        assert call["device"] == ("mixed" if gpu else "cpu")
+        assert {k: call[k] for k in options if k in call} == (options if gpu else {})
 
 
 def test_ranks_read_the_reference_shards(indexed_folder):
@@ -391,3 +455,32 @@ def test_mixed_decoder_contract(photo_folder, decode, dtype):
         assert im_q.device.type == im_k.device.type == labels.device.type == "cuda"
         assert im_q.dtype == dtype and im_q.is_contiguous(memory_format=torch.channels_last)
         assert not torch.equal(im_q, im_k)
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_every_output_leaves_dali_on_the_gpu(photo_folder):
+    """Labels too: no per-step copy by torch, and no pinned CPU output (kDLCUDAHost, which torch cannot import)."""
+    loader = dali(photo_folder, device="cuda")
+    shard = dali_loader.epoch_batches_shard(len(loader.dataset), 8, 0, 1, 0, 0)
+    outputs = loader.pipeline(shard, 0, None).run()
+    assert len(outputs) == 3 and all(isinstance(output, TensorListGPU) for output in outputs)
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_a_batch_is_held_until_the_step_that_reads_it_has_run(photo_folder):
+    """The step is queued after the batch is handed out: a batch is let go only once that step has run, also when
+    the consumer stops after it."""
+    loader = dali(photo_folder, device="cuda")
+    batches = iter(loader)
+    first, _, _ = next(batches)
+    torch.cuda._sleep(1 << 30)  # a step on the batch, still running when the next batch is asked for
+    second, _, _ = next(batches)
+    (held, event), = loader.in_flight.held
+    assert held[0].data_ptr() == first.data_ptr() and not event.query()
+    torch.cuda._sleep(1 << 30)
+    batches.close()
+    held, event = loader.in_flight.held[-1]
+    assert held[0].data_ptr() == second.data_ptr() and not event.query()
+    torch.cuda.synchronize()
