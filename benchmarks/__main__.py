@@ -41,8 +41,12 @@ def run_suite(suite: str, opts, cfg, command: list[str], console: Console) -> No
             if not runtime.is_main:
                 return
             doc = report.document(report.header(suite, runtime, cfg, precision, opts, command), results)
-            for record in report.records(doc):
-                report.print_record(record, console)
+            print_records = getattr(module, "print_records", None)  # a suite may print its own table
+            if print_records:
+                print_records(report.records(doc), console)
+            else:
+                for record in report.records(doc):
+                    report.print_record(record, console)
             if opts.json:
                 report.write_json(opts.json, doc)
             if opts.png:  # a suite may draw its own chart

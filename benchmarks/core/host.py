@@ -12,7 +12,7 @@ import psutil
 import torch
 
 # Distribution names whose versions a result records when installed (DALI's carries its CUDA flavour).
-OPTIONAL_LIBRARIES = ("nvidia-dali-cuda130", "nvidia-dali-cuda120", "ffcv", "matplotlib")
+OPTIONAL_LIBRARIES = ("nvidia-dali-cuda130", "nvidia-dali-cuda120", "ffcv", "matplotlib", "lightly")
 
 
 def device_name(device: torch.device) -> str:

@@ -87,6 +87,8 @@ def figures(record: dict) -> list[tuple[str, str]]:
         rows.append(("loader workers' RSS", f"{record['workers_rss_mb']:,.0f} MB"))
     device_peak = record.get("peak_device_mb")
     rows.append(("peak device memory", "n/a (CPU)" if device_peak is None else f"{device_peak:,.0f} MB"))
+    for peer, ratio in record.get("ratios", {}).items():
+        rows.append((f"{record['backend']} {peer}", f"{ratio:.2f}x"))
     if "sync_check" in record:
         rows.append(("host syncs in the step", f"{record['sync_check']['status']}: {record['sync_check']['note']}"))
     return rows

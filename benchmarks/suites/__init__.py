@@ -17,5 +17,7 @@ SUITES = {
                                          "kNN per epoch, optionally the linear probe"),
     "ffcv-cost": ("benchmarks.suites.ffcv_cost", "host CPU per image of FFCV's decode and crop against the torch "
                                                  "loader's, over .beton variants"),
+    "peers": ("benchmarks.suites.peers", "our step beside the official MoCo step and lightly's MoCo v2, same model, "
+                                         "batch, K and threads, interleaved: images/s and ratios"),
     "augment": ("benchmarks.suites.augment", "the batched GPU augmentation against kornia's (needs kornia)"),
 }
