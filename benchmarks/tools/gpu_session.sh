@@ -53,9 +53,9 @@ case $phase in
     # name:flags, each the imagenet preset (ResNet-50, MLP, K 65536, 224 px, batch 256) on synthetic batches
     for variant in "bf16:" "fp16:--precision fp16" "fp32:--precision fp32" "cuda-graphs:--cuda-graphs" \
                    "no-channels-last:--no-channels-last" "foreach-sgd:--no-fused-sgd" "concat-loss:--no-fused-loss" \
-                   "compile:--compile"; do
+                   "compile:--compile" "no-shuffle:--shuffle none"; do
       # shellcheck disable=SC2086
-      bench "step_${variant%%:*}" step --backend synthetic --steps 20 --warmup 10 --repeats 3 --check-syncs \
+      bench "step_${variant%%:*}" step --backend synthetic --steps 20 --warmup 10 --repeats 3 --check-syncs --check-copies \
         ${variant#*:}
     done
     images
