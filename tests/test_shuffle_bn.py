@@ -75,6 +75,19 @@ def test_split_bn_matches_a_float64_per_sub_batch_reference(splits, channels_las
     assert x.grad.is_contiguous(memory_format=torch.channels_last) == channels_last
 
 
+def test_split_bn_without_grad_is_the_same_as_with_it():
+    """The key encoder runs under no_grad, which skips the autograd Function: same output, same running stats."""
+    torch.manual_seed(0)
+    with_grad, without = SplitBatchNorm2d(4, 8), SplitBatchNorm2d(4, 8)
+    x = torch.randn(16, 4, 3, 3).contiguous(memory_format=torch.channels_last)
+    expected = with_grad(x.requires_grad_(True))
+    with torch.no_grad():
+        out = without(x)
+    assert torch.equal(out, expected.detach()) and out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(without.running_mean, with_grad.running_mean)
+    assert torch.equal(without.running_var, with_grad.running_var)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_split_bn_in_half_precision_keeps_fp32_statistics(dtype):
     """Half-precision activations (autocast) with fp32 parameters: outputs within the dtype's rounding."""
