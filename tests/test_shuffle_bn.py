@@ -70,7 +70,8 @@ def test_split_bn_matches_a_float64_per_sub_batch_reference(splits, channels_las
     means = torch.stack([b.mean(dim=(0, 2, 3)) for b in blocks]).mean(0)
     variances = torch.stack([b.var(dim=(0, 2, 3), unbiased=True) for b in blocks]).mean(0)
     torch.testing.assert_close(bn.running_mean.double(), 0.9 * start_mean.double() + 0.1 * means, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(bn.running_var.double(), 0.9 * start_var.double() + 0.1 * variances, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bn.running_var.double(), 0.9 * start_var.double() + 0.1 * variances,
+                               rtol=1e-5, atol=1e-6)
     assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
     assert x.grad.is_contiguous(memory_format=torch.channels_last) == channels_last
 

@@ -69,7 +69,8 @@ def lightly_step(cfg: TrainConfig, device: torch.device, amp_dtype):
 
 def official_step(cfg: TrainConfig, device: torch.device, amp_dtype):
     m = cfg.model
-    model = official_moco.MoCo(functools.partial(build_encoder, m.arch), m.moco_dim, m.moco_k, m.moco_m, m.moco_t, m.mlp).to(device)
+    model = official_moco.MoCo(functools.partial(build_encoder, m.arch), m.moco_dim, m.moco_k, m.moco_m, m.moco_t,
+                               m.mlp).to(device)
     optimizer = torch.optim.SGD(model.parameters(), cfg.optim.lr, momentum=cfg.optim.momentum,
                                 weight_decay=cfg.optim.wd)
 
@@ -145,7 +146,8 @@ def print_records(records: list[dict], console: Console) -> None:
     for column in ("side", "images/s (median)", "per repeat", "host CPU ms/image", "vs official", "vs lightly"):
         table.add_column(column, justify="left" if column == "side" else "right")
     for r in records:
-        table.add_row(r["backend"], f"{r['images_per_s']:.2f}", " ".join(f"{v:.2f}" for v in r["images_per_s_per_repeat"]),
+        per_repeat = " ".join(f"{v:.2f}" for v in r["images_per_s_per_repeat"])
+        table.add_row(r["backend"], f"{r['images_per_s']:.2f}", per_repeat,
                       report.cpu_ms(r), *(f"{r['ratios'][k]:.2f}x" if k in r["ratios"] else ""
                                           for k in ("vs official", "vs lightly")))
     console.print(table)
