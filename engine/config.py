@@ -194,8 +194,15 @@ def validate(cfg: TrainConfig, world_size: int, device_type: str = "cpu") -> Non
     if m.moco_k % o.batch_size:
         raise ConfigError(f"--moco-k {m.moco_k} is not a multiple of the global batch size {o.batch_size}")
     shuffle = m.shuffle if m.shuffle != "auto" else ("ddp" if world_size > 1 else "split")
-    if shuffle == "split" and (o.batch_size // world_size) % m.bn_splits:
-        raise ConfigError(f"per-device batch {o.batch_size // world_size} is not divisible by --bn-splits {m.bn_splits}")
+    per_device = o.batch_size // world_size
+    if shuffle == "split" and per_device % m.bn_splits:
+        raise ConfigError(f"per-device batch {per_device} is not divisible by --bn-splits {m.bn_splits}")
+    per_bn = per_device // m.bn_splits if shuffle == "split" else per_device
+    if per_bn < 2:  # BatchNorm's training statistics need two samples; with one it fails at the first step
+        how = f" split {m.bn_splits} ways by --bn-splits" if shuffle == "split" else ""
+        fix = "raise --batch-size or lower --bn-splits" if shuffle == "split" else "raise --batch-size"
+        raise ConfigError(f"--batch-size {o.batch_size} gives each BN sub-batch {per_bn} sample ({per_device} per "
+                          f"device{how}); BatchNorm needs at least 2: {fix}")
     if shuffle == "ddp" and world_size == 1:
         raise ConfigError("--shuffle ddp needs several processes (torchrun); use split on one device")
     if not d.data and d.loader != "synthetic":

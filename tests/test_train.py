@@ -148,6 +148,8 @@ def test_an_image_that_fails_in_a_worker_ends_the_run_in_one_line(tmp_path, spli
     (["--moco-t", "0"], "--moco-t must be positive"), (["--moco-m", "1.5"], "--moco-m must be in [0, 1]"),
     (["--cuda-graphs", "--optimizer", "lars"], "--cuda-graphs"), (["--shuffle", "ddp"], "needs several processes"),
     (["--precision", "fp8"], "unknown --precision 'fp8'; choose one of: auto, bf16, fp16, fp32"),
+    (["--preset", "imagenet", "--batch-size", "8", "--moco-k", "64"], "gives each BN sub-batch 1 sample"),
+    (["--batch-size", "1", "--shuffle", "none", "--moco-k", "64"], "gives each BN sub-batch 1 sample"),
 ])
 def test_a_setting_that_cannot_work_fails_before_any_data_is_read(tmp_path, capsys, flags, fragment):
     """The data path does not exist: a data error would mean the data was looked at before the setting."""
