@@ -99,7 +99,7 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
             out, mean, invstd = block_batch_norm(x, self.weight, self.bias, s, self.eps)
         if self.track_running_stats:
             with torch.no_grad():  # what N devices' running statistics average to (the unbiased variance)
-                rows = x[: x.shape[0] // s].numel() // x.shape[1]
+                rows = x.numel() // (s * x.shape[1])  # per block and channel
                 var = (invstd.pow(-2) - self.eps).mean(0) * (rows / max(rows - 1, 1))
                 self.running_mean.lerp_(mean.mean(0), self.momentum)
                 self.running_var.lerp_(var, self.momentum)
