@@ -300,3 +300,18 @@ def _check_loader_options(cfg: TrainConfig) -> None:
 
 def to_dict(cfg: TrainConfig) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def changed_settings(saved: dict, cfg: TrainConfig) -> dict[str, tuple]:
+    """Flag -> (the saved config's value, this config's) for each setting that differs from `saved` (a checkpoint's
+    `to_dict`); --resume itself, and settings the saved config predates, aside."""
+    def plain(value):
+        return tuple(value) if isinstance(value, list) else value
+
+    changed = {}
+    for section, values in to_dict(cfg).items():
+        for name, value in values.items():
+            was = saved.get(section, {}).get(name, value)
+            if name != "resume" and plain(was) != plain(value):
+                changed["--" + name.replace("_", "-")] = (was, value)
+    return changed

@@ -25,10 +25,24 @@ class RunDir:
     def epoch_checkpoint(self, epoch: int) -> Path:
         return self.path / f"checkpoint_{epoch:04d}.pth.tar"
 
-    def open(self, resuming: bool) -> None:
+    def checkpoints(self) -> list[Path]:
+        """This folder's checkpoints, newest first: checkpoint_last, then checkpoint_EPOCH by falling epoch."""
+        epochs = sorted(self.path.glob("checkpoint_[0-9]*.pth.tar"), key=lambda p: p.name, reverse=True)
+        return ([self.last_checkpoint] if self.last_checkpoint.is_file() else []) + epochs
+
+    def earlier_run_files(self) -> list[str]:
+        """What an earlier run left here (checkpoints of any name, metrics, TensorBoard events), by name."""
+        found = sorted(p.name for p in self.path.glob("checkpoint*.pth.tar"))
+        found += [name for name in ("metrics.jsonl", "tb") if (self.path / name).exists()]
+        return found
+
+    def holds(self, path: Path) -> bool:
+        return path.resolve().parent == self.path.resolve()
+
+    def open(self) -> None:
         """Creates and locks the folder, or says in one line why this run cannot write there: not a folder, not
-        writable, in use by a live run (two runs would interleave their metrics and overwrite each other's
-        checkpoints), or holding an earlier run that a fresh start would overwrite."""
+        writable, or in use by a live run (two runs would interleave their metrics and overwrite each other's
+        checkpoints)."""
         if self.path.exists() and not self.path.is_dir():
             raise ConfigError(f"--out {self.path} is a file, not a folder")
         try:
@@ -48,8 +62,13 @@ class RunDir:
         self.lock_file.truncate()
         self.lock_file.write(str(os.getpid()))
         self.lock_file.flush()
-        if not resuming and self.last_checkpoint.exists():
-            raise ConfigError(f"--out {self.path} already holds a run ({self.LAST}); continue it with --resume auto, "
+
+    def refuse_overwrite(self) -> None:
+        """A run that does not continue this folder's own must not overwrite what an earlier one left."""
+        found = self.earlier_run_files()
+        if found:
+            shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+            raise ConfigError(f"--out {self.path} already holds a run ({shown}); continue it with --resume auto, "
                               f"or choose another --out")
 
     def close(self) -> None:

@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from engine.checkpoint import CheckpointError, CheckpointWriter, load_checkpoint, to_host, with_prefix, without_prefix
-from engine.config import ConfigError, TrainConfig, loader_options, to_dict, validate
+from engine.config import ConfigError, TrainConfig, changed_settings, loader_options, to_dict, validate
 from engine.cuda_graph import GraphedStep
 from engine.distributed import (Runtime, from_main, gather_on_main, init_runtime, max_over_ranks, pick_device,
                                 restart_hazard, shutdown, world_size_from_env)
@@ -44,6 +44,9 @@ from pipeline.common import derive_seed
 from pipeline.errors import DataError
 
 console = Console(stderr=True, soft_wrap=True)
+
+# What decides which images the rest of an epoch sees, and in what order: fixed inside an epoch.
+FIXED_INSIDE_AN_EPOCH = ("--data", "--loader", "--loader-option", "--seed")
 
 
 class TrainingDiverged(RuntimeError):
@@ -150,6 +153,7 @@ class Trainer:
         self.progress = progress_bar(self.runtime.is_main)
         self.epoch, self.step = 0, 0
         self.resumed_from: Path | None = None
+        self.loaded: dict | None = None  # rank 0's checkpoint, read once while choosing it
         self.rank_state: dict | None = None  # this rank's part of a mid-epoch checkpoint, until the epoch starts
         self.last_checkpoint: tuple[Path, int, int] | None = None  # (path, epoch, step) of the newest one written
         self.last_save_time = self.last_log_line = time.monotonic()
@@ -157,25 +161,48 @@ class Trainer:
 
     # --- build and resume ---
 
-    def checkpoint_to_resume(self) -> Path | None:
-        resume = self.cfg.run.resume
-        if resume == "auto":
-            return self.run_dir.last_checkpoint if self.run_dir.last_checkpoint.exists() else None
-        return Path(resume) if resume else None
-
     def open_run_dir(self) -> tuple[Path | None, str | None]:
-        """Rank 0 locks the output folder: (the checkpoint to resume from, or None; why it cannot, or None).
-        Only this folder's own checkpoint_last continues the run in it; any other checkpoint starts a new one."""
-        path = self.checkpoint_to_resume()
-        continuing = path is not None and path.resolve() == self.run_dir.last_checkpoint.resolve()
+        """Rank 0 locks the output folder and picks the checkpoint to go on from: (its path or None, why the run
+        cannot start or None). A checkpoint in this folder continues the run in it; a fresh run, or one from
+        another folder's checkpoint, refuses a folder where an earlier run left anything."""
         try:
-            self.run_dir.open(resuming=continuing)
-        except ConfigError as e:
-            return path, str(e)
+            self.run_dir.open()
+            path = self.checkpoint_to_resume()
+            if self.cfg.run.resume != "auto" and (path is None or not self.run_dir.holds(path)):
+                self.run_dir.refuse_overwrite()
+        except (ConfigError, CheckpointError) as e:
+            return None, str(e)
         hazard = restart_hazard()
         if hazard:
             console.print(f"warning: {hazard}")
         return path, None
+
+    def checkpoint_to_resume(self) -> Path | None:
+        """--resume PATH, or for --resume auto the newest of this folder's checkpoints that loads (saying which
+        ones it passed over); rank 0 keeps the one it loaded in `loaded`."""
+        resume = self.cfg.run.resume
+        if resume != "auto":
+            if resume:
+                self.loaded = load_checkpoint(resume)
+            return Path(resume) if resume else None
+        passed_over = []
+        for path in self.run_dir.checkpoints():
+            try:
+                self.loaded = load_checkpoint(path)
+            except CheckpointError as e:
+                passed_over.append(str(e))
+                continue
+            for reason in passed_over:
+                console.print(f"notice: {reason}; resuming from {path} instead")
+            return path
+        if passed_over:
+            raise CheckpointError(f"--resume auto: no checkpoint in {self.run_dir.path} loads ({'; '.join(passed_over)})"
+                                  f"; remove them or choose another --out")
+        left = self.run_dir.earlier_run_files()
+        if left:
+            console.print(f"notice: --resume auto: {self.run_dir.path} holds no checkpoint, so the run starts afresh "
+                          f"and replaces its {' and '.join(left)}")
+        return None
 
     def build(self) -> None:
         """Everything the run needs, cheapest checks first: output folder and checkpoint, then model, optimizer and
@@ -185,7 +212,8 @@ class Trainer:
         path, refusal = from_main((path, refusal), runtime)  # every rank fails alike, or goes on alike
         if refusal:
             raise ConfigError(refusal)
-        checkpoint = load_checkpoint(path) if path else None
+        checkpoint = (self.loaded if runtime.is_main else load_checkpoint(path)) if path else None
+        self.loaded = None
         self.moco, self.model = build_model(cfg, runtime)
         self.optimizer = build_optimizer(cfg.optim, self.moco.parameters())
         self.train_step = build_step(cfg, runtime, self.model, self.optimizer, self.precision)
@@ -202,6 +230,8 @@ class Trainer:
             raise CheckpointError(f"checkpoint {path} was cut inside an epoch of {checkpoint.get('steps_per_epoch')} "
                                   f"steps, but this run's epochs have {self.steps}: resume it with the same data, "
                                   f"--batch-size and --max-steps, or from an epoch's checkpoint")
+        if checkpoint is not None and runtime.is_main:
+            self.say_resumed(checkpoint, path)
         self.knn = build_knn_monitor(cfg, runtime, self.amp_dtype)
         if runtime.is_main:
             self.run_dir.restart_metrics(self.epoch if checkpoint is not None else None)
@@ -237,11 +267,23 @@ class Trainer:
                                       f"{cut[0]} on {cut[1]} ranks; resume it with that --batch-size and world size, "
                                       f"or from an epoch's checkpoint")
             self.rank_state = checkpoint["ranks"][runtime.rank]
+            fixed = {flag: values for flag, values in changed_settings(saved_cfg, cfg).items()
+                     if flag in FIXED_INSIDE_AN_EPOCH}
+            if fixed:
+                raise CheckpointError(f"checkpoint {path} was cut inside epoch {self.epoch + 1}, whose remaining images "
+                                      f"follow from its " + ", ".join(f"{flag} {was}" for flag, (was, _) in fixed.items())
+                                      + ": resume it with the same, or from an epoch's checkpoint")
         self.resumed_from = path
         self.last_checkpoint = (path, self.epoch, self.step)
-        if runtime.is_main:
-            where = f"epoch {self.epoch}" + (f", step {self.step}" if self.step else "")
-            console.print(f"resumed from {path} at {where}")
+
+    def say_resumed(self, checkpoint: dict, path: Path) -> None:
+        """Where the run goes on from, and every setting that differs from the checkpoint's run."""
+        changed = changed_settings(checkpoint.get("config") or {}, self.cfg)
+        if changed:
+            console.print("notice: settings that differ from the checkpoint's run: "
+                          + ", ".join(f"{flag} {now} (was {was})" for flag, (was, now) in changed.items()))
+        where = f"epoch {self.epoch}" + (f", step {self.step}" if self.step else "")
+        console.print(f"resumed from {path} at {where}")
 
     # --- the run ---
 
