@@ -3,6 +3,9 @@
 A document is the header (suite, device, versions, config, command), then the first result's fields at the
 top level (the usual single-backend case reads as `doc["images_per_s"]`), then `results`: every backend's
 result, each with its own `backend`, `images_per_s`, `cpu_s_per_image`, `stages` (name -> ms per step).
+A result may say what it ran (`settings`) where train.py's model, batch and workers are not it, and which of its
+`stage_groups` hold alternatives (`alternative_groups`: one thing under different conditions, shown as ratios to
+the group's first stage, since a share of their sum means nothing).
 """
 
 from __future__ import annotations
@@ -63,15 +66,29 @@ def label(record: dict) -> str:
                      c["precision"], *(name for name, departs in departures if departs)])
 
 
+def plural(count: int, noun: str) -> str:
+    """'1 step', '2 steps'."""
+    return f"{count} {noun}" + "s" * (count != 1)
+
+
 def cpu_ms(record: dict) -> str:
     return "n/a" if record.get("cpu_s_per_image") is None else f"{1e3 * record['cpu_s_per_image']:.3f}"
 
 
-def figures(record: dict) -> list[tuple[str, str]]:
+def run_summary(record: dict) -> str:
+    """What was run: the suite's own settings where it has them, else train.py's model, batch and workers."""
+    if "settings" in record:
+        return record["settings"]
     c = record["config"]
     model = "" if record["suite"] == "loader" else f"{c['arch']}, K {c['moco_k']}, "
+    return (f"{model}batch {c['batch_size']}, {c['image_size']} px, {c['precision']}, "
+            f"{plural(c['workers'], 'worker')}")
+
+
+def figures(record: dict) -> list[tuple[str, str]]:
+    c = record["config"]
     rows = [("device", f"{record['device']} x{c['world_size']}"),
-            ("run", f"{model}batch {c['batch_size']}, {c['image_size']} px, {c['precision']}, {c['workers']} workers"),
+            ("run", run_summary(record)),
             ("images/s", f"{record['images_per_s']:,.1f}"),
             ("host CPU ms per image", cpu_ms(record))]
     for key, name in (("loader_images_per_s", "loader alone, images/s"), ("step_images_per_s", "step alone, images/s")):
@@ -99,13 +116,13 @@ def print_record(record: dict, console: Console) -> None:
     table.add_column("group")
     table.add_column("stage")
     table.add_column("ms per step", justify="right")
-    table.add_column("share of group", justify="right")
+    table.add_column("of group", justify="right")
+    alternatives = record.get("alternative_groups", [])
     for group, names in record.get("stage_groups", {}).items():
-        group_sum = sum(record["stages"][n] for n in names)
+        shares = ratios_to_first(record["stages"], names) if group in alternatives else shares_of_sum(
+            record["stages"], names)
         for i, name in enumerate(names):
-            ms = record["stages"][name]
-            share = f"{100 * ms / group_sum:.1f}%" if group_sum > 0 else ""
-            table.add_row(group if i == 0 else "", name, f"{ms:.3f}", share)
+            table.add_row(group if i == 0 else "", name, f"{record['stages'][name]:.3f}", shares[i])
         table.add_section()
     for name, ms in record.get("totals", {}).items():
         table.add_row("totals", name, f"{ms:.3f}", "")
@@ -118,6 +135,18 @@ def print_record(record: dict, console: Console) -> None:
         print_copies(record["copy_check"], console)
     for note in record.get("notes", []):
         console.print(f"[dim]note: {note}[/dim]")
+
+
+def shares_of_sum(stages: dict[str, float], names: list[str]) -> list[str]:
+    """Each stage's share of the group's time: the group's stages are its parts."""
+    total = sum(stages[n] for n in names)
+    return [f"{100 * stages[n] / total:.1f}%" if total > 0 else "" for n in names]
+
+
+def ratios_to_first(stages: dict[str, float], names: list[str]) -> list[str]:
+    """Each stage against the group's first, the baseline: the group's stages are alternatives."""
+    baseline = stages[names[0]]
+    return ["baseline", *(f"{stages[n] / baseline:.2f}x {names[0]}" if baseline > 0 else "" for n in names[1:])]
 
 
 def print_copies(check: dict, console: Console) -> None:

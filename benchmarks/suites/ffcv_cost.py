@@ -38,7 +38,7 @@ from ffcv.loader import Loader, OrderOption
 from ffcv.transforms import RandomHorizontalFlip
 from PIL import Image
 
-from benchmarks.core import host
+from benchmarks.core import host, report
 from benchmarks.tools.imagenet_like import generate
 from engine.config import TrainConfig
 from engine.distributed import Runtime
@@ -109,7 +109,7 @@ def ffcv_side(name: str, beton: Path, threads: int, epochs: int, decode: str = "
         loader = make_ffcv_loader(beton, batch_size=BATCH_SIZE, image_size=IMAGE_SIZE, device=torch.device("cpu"),
                                   recipe=get_recipe("v2"), rank=0, world_size=1, seed=0, order=order,
                                   os_cache=os_cache, num_workers=threads, batches_ahead=3, decode=decode)
-    return Side(f"{name}, {threads} thread{'s' * (threads > 1)}", stored,
+    return Side(f"{name}, {report.plural(threads, 'thread')}", stored,
                 *measure_epochs(lambda: iter(loader), epochs))
 
 
@@ -150,9 +150,15 @@ def run(cfg: TrainConfig, runtime: Runtime, precision: str, opts: argparse.Names
         data = Path(cfg.data.data) if Path(cfg.data.data).is_dir() else generate(work / "jpegs", opts.images,
                                                                                   seed=0, show_progress=True)
         sides = sides_of(data, work, thread_counts, opts.repeats)
+    return records(sides, opts.repeats, thread_counts)
+
+
+def records(sides: list[Side], repeats: int, thread_counts: list[int]) -> list[dict]:
+    """One result per side; its settings are this suite's (batch, view size, stored data), not train.py's."""
     reference = {side.name: statistics.median(side.cpu_s_per_image) for side in sides}
     return [{
         "backend": side.name,
+        "settings": f"batch {BATCH_SIZE}, two {IMAGE_SIZE} px views per image, from {side.stored}",
         "images_per_s": statistics.median(side.images_per_s),
         "cpu_s_per_image": statistics.median(side.cpu_s_per_image),
         "peak_host_rss_mb": peak_host_rss_mb(),
@@ -163,6 +169,6 @@ def run(cfg: TrainConfig, runtime: Runtime, precision: str, opts: argparse.Names
         "cpu_ms_per_image_epochs": [1e3 * c for c in side.cpu_s_per_image],
         "fraction_of_torch_v2": statistics.median(side.cpu_s_per_image) / reference["torch v2"],
         "fraction_of_torch_crop_flip": statistics.median(side.cpu_s_per_image) / reference["torch crop+flip"],
-        "notes": [f"median over {opts.repeats} epochs of process CPU seconds (all threads) / images; "
+        "notes": [f"median over {report.plural(repeats, 'epoch')} of process CPU seconds (all threads) / images; "
                   f"target: ffcv <= 1/10 of torch v2", f"FFCV thread counts {thread_counts}, torch threads 1"],
     } for side in sides]

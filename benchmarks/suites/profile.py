@@ -8,10 +8,16 @@
    to this machine's cores (per rank); on a GPU also DALI's decode strategies and hardware-decoder share.
 3. End to end, the trainer's own loop with the fastest loader setting and step.
 
-The verdict: host-CPU-bound when the loader and the step together need more cores than the machine has at the
-step's full speed ((the loader's + the step's host CPU-seconds per image) x the step's images/s); else
-step-bound when the loader alone outruns the step, loader-bound when it does not although cores are free. With
-the figures that show it, the end-to-end / step ratio, and the ready train.py command line.
+Every measurement, each step variant included, runs at least MIN_WARMUP untimed steps of its own first, so that
+no variant is judged by its one-time costs (CUDA context and kernels, cuDNN autotuning, graph capture,
+compilation, worker start).
+
+The verdict (`verdict`, a pure function of the figures): host-CPU-bound when the loader and the step together
+need more cores than the machine has at the step's full speed ((the loader's + the step's host CPU-seconds per
+image) x the step's images/s). Else end to end's time splits into waiting for data (the data-wait fraction),
+the step at its own speed (end to end / step) and the rest: overhead-bound when the rest is the largest share,
+the time going neither to the loader nor to the step; else step-bound when the loader alone outruns the step,
+loader-bound when it does not. With the figures that show it and the ready train.py command line.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import shlex
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from benchmarks.core import report
 from benchmarks.suites import e2e, loader, step
 from engine.config import ConfigError, TrainConfig, loader_options, validate
 from engine.distributed import Runtime
@@ -34,6 +41,7 @@ from pipeline import LOADERS
 # Loaders whose options the sweep varies on a GPU (their defaults first).
 GPU_OPTIONS = {"dali": [{}, {"decode": "roi"}, {"hw_decoder_load": 0.3}, {"hw_decoder_load": 0.9}]}
 FEEDS = 1.0  # a loader feeds the step when it gives at least this fraction of the step's images/s
+MIN_WARMUP = 2  # untimed steps per measurement whatever --warmup says: a graph's first replay is its second call
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
@@ -103,23 +111,33 @@ def with_loader(cfg: TrainConfig, backend: str, workers: int, options: dict) -> 
 
 
 def workers(count: int) -> str:
-    return f"{count} worker" + "s" * (count != 1)
+    return report.plural(count, "worker")
 
 
-def verdict(step_ips: float, step_cpu_s_per_image: float, loader: Setting, e2e_ips: float, cores: int,
-            max_workers: int) -> dict:
-    """Which of the three limits applies, and the figures that show it."""
+def verdict(step_ips: float, step_cpu_s_per_image: float, loader: Setting, e2e_ips: float,
+            data_wait_fraction: float, cores: int, max_workers: int) -> dict:
+    """Which limit applies, and the figures that show it."""
     loader_cores, step_cores = loader.cpu_s_per_image * step_ips, step_cpu_s_per_image * step_ips
     cores_needed = loader_cores + step_cores
+    e2e_over_step = e2e_ips / step_ips
+    elsewhere = 1.0 - data_wait_fraction - e2e_over_step  # of end to end's time: neither data wait nor the step
+    reached = f"{e2e_over_step:.2f} of the step with {100 * data_wait_fraction:.1f}% data wait"
     evidence = (f"step alone {step_ips:,.0f} img/s; best loader ({loader.backend}, {workers(loader.workers)}) "
                 f"{loader.images_per_s:,.0f} img/s; at the step's speed the loader needs {loader_cores:.1f} host "
                 f"cores ({1e3 * loader.cpu_s_per_image:.2f} CPU ms per image) and the step {step_cores:.1f}, "
-                f"{cores_needed:.1f} of {cores}; end to end {e2e_ips:,.0f} img/s = {e2e_ips / step_ips:.2f} of "
-                f"the step")
+                f"{cores_needed:.1f} of {cores}; end to end {e2e_ips:,.0f} img/s reaches {reached}")
     if cores_needed > cores:
         bound, advice = "host-cpu", (f"loader and step need {cores_needed:.1f} cores at full speed and there are "
                                      f"{cores}: a loader with less host work per image (DALI's GPU decoding, FFCV, "
                                      f"a lower-resolution .beton) or more cores")
+    elif elsewhere > max(data_wait_fraction, e2e_over_step):
+        bound, advice = "overhead", (
+            f"end to end reaches {reached}: {100 * elsewhere:.0f}% of its time is neither waiting for data nor "
+            f"the step at its own speed. The gap is outside the loader and the step as measured alone: the "
+            f"trainer's loop around the step (the lr, the progress bar, device reads at each epoch's start and end "
+            f"and every --print-freq steps, which few --steps make weigh on every step), Python, or loader and "
+            f"step slowing each other; `python -m benchmarks e2e --backend synthetic` times the loop without a "
+            f"loader, --trace shows where the time goes")
     elif loader.images_per_s >= FEEDS * step_ips:
         bound, advice = "step", ("the loader keeps up: a faster step is what helps (bf16, --cuda-graphs, "
                                  "--compile, a larger batch)")
@@ -129,8 +147,14 @@ def verdict(step_ips: float, step_cpu_s_per_image: float, loader: Setting, e2e_i
     else:
         bound, advice = "loader", ("the loader is slower than the step although cores and workers are free: "
                                    "reading is the limit (storage, file system, .beton on local disk)")
-    return {"bound": bound, "evidence": evidence, "advice": advice, "e2e_over_step": e2e_ips / step_ips,
+    return {"bound": bound, "evidence": evidence, "advice": advice, "e2e_over_step": e2e_over_step,
+            "data_wait_fraction": data_wait_fraction, "elsewhere_fraction": elsewhere,
             "cores_needed": cores_needed, "loader_cores": loader_cores, "step_cores": step_cores, "cores": cores}
+
+
+def warmed_up(opts: argparse.Namespace) -> argparse.Namespace:
+    """`opts` with at least MIN_WARMUP warm-up steps: each measurement warms up on its own before it is timed."""
+    return argparse.Namespace(**{**vars(opts), "warmup": max(opts.warmup, MIN_WARMUP)})
 
 
 def run(cfg: TrainConfig, runtime: Runtime, precision: str, opts: argparse.Namespace) -> list[dict]:
@@ -140,6 +164,7 @@ def run(cfg: TrainConfig, runtime: Runtime, precision: str, opts: argparse.Names
     if not backends:
         raise ConfigError(f"no installed loader reads {cfg.data.data} (a .beton needs ffcv; a folder or "
                           f"fashion-mnist the torch or dali loader): give --backend")
+    opts = warmed_up(opts)
     variants = step_variants(cfg, runtime)
     plan = [(b, w, o) for b in backends for w in counts for o in [loader_options(cfg)]]
     if runtime.device.type == "cuda":
@@ -171,8 +196,8 @@ def run(cfg: TrainConfig, runtime: Runtime, precision: str, opts: argparse.Names
         end_to_end = e2e.measure(chosen, runtime, resolve_precision(chosen.step.precision, runtime.device),
                                  best.backend, opts)
         advance("end to end")
-    result = verdict(best_step["images_per_s"], best_step["cpu_s_per_image"], best, end_to_end["images_per_s"], cores,
-                     counts[-1])
+    result = verdict(best_step["images_per_s"], best_step["cpu_s_per_image"], best, end_to_end["images_per_s"],
+                     end_to_end["data_wait_fraction"], cores, counts[-1])
     replaced = ("--loader", "--workers", "--loader-option", *(f for f in best_flags if f.startswith("--")))
     command = ["python", "train.py", *without_flags(opts.train_argv, replaced), *best.flags(), *best_flags]
     if runtime.is_main:
@@ -195,7 +220,9 @@ def run(cfg: TrainConfig, runtime: Runtime, precision: str, opts: argparse.Names
         "step_variants": [{"flags": flags, "images_per_s": r["images_per_s"]} for flags, _, r in steps],
         "sweep": [dataclasses.asdict(s) for s in sweep],
         "notes": ["loaders alone are swept at the fastest step variant's input dtype; end to end is the trainer's "
-                  "loop with the fastest loader setting and step variant"],
+                  "loop with the fastest loader setting and step variant",
+                  f"each step variant, loader setting and end to end: {report.plural(opts.warmup, 'warm-up step')} "
+                  f"of its own before timing (--warmup, at least {MIN_WARMUP})"],
     }]
 
 
