@@ -11,9 +11,11 @@ truncated one behind; `CheckpointWriter` does that on a background thread.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import threading
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 import torch
 
@@ -21,18 +23,28 @@ PREFIX = "module."
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or is not a MoCo checkpoint."""
+    """A checkpoint that cannot be read or written, or is not a MoCo checkpoint."""
 
 
-def save_checkpoint(state: dict, path: Path, *copies: Path) -> None:
-    """Written to a temporary file, then renamed: an interrupted save leaves the previous checkpoint whole.
-    `copies` get the same file (a hard link where the file system has them, so it is written once)."""
+def check_writable(output: Path) -> None:
+    """A path that cannot take a file fails in one line before any work is done for it."""
+    if output.is_dir():
+        raise CheckpointError(f"cannot write {output}: it is a folder; name a file in it")
+    if not output.parent.is_dir():
+        raise CheckpointError(f"cannot write {output}: the folder {output.parent} does not exist")
+
+
+def write_atomically(path: Path, write: Callable[[BinaryIO], None], *copies: Path) -> None:
+    """`write(file)` goes to a temporary file, synced, then renamed: an interrupted or failed write leaves the
+    previous file whole and nothing partial behind. `copies` get the same file (a hard link where the file system
+    has them, so it is written once). A failure of the OS is one CheckpointError naming the path and the OS's
+    reason: torch reports a full disk as 'unexpected pos N vs M'."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     copy_tmps = [Path(copy).with_name(Path(copy).name + ".tmp") for copy in copies]
     try:
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         for copy, copy_tmp in zip(copies, copy_tmps):
@@ -43,10 +55,26 @@ def save_checkpoint(state: dict, path: Path, *copies: Path) -> None:
                 shutil.copyfile(tmp, copy_tmp)
             os.replace(copy_tmp, copy)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         for leftover in (tmp, *copy_tmps):
             leftover.unlink(missing_ok=True)
-        raise
+        cause = os_error_behind(e)
+        if cause is None:
+            raise
+        raise CheckpointError(f"writing {path} failed: {os.strerror(cause.errno).lower()}") from e
+
+
+def os_error_behind(error: BaseException | None) -> OSError | None:
+    """The OSError (with an errno) that `error` is or was raised while handling: torch's RuntimeError for a failed
+    write keeps the file's OSError as its context."""
+    while error is not None and not (isinstance(error, OSError) and error.errno):
+        error = error.__cause__ or error.__context__
+    return error
+
+
+def save_checkpoint(state: dict, path: Path, *copies: Path) -> None:
+    """`state` in torch's format at `path` (and `copies`), written atomically."""
+    write_atomically(path, lambda f: torch.save(state, f), *copies)
 
 
 def to_host(obj):
@@ -69,14 +97,17 @@ class CheckpointWriter:
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
 
-    def submit(self, state: dict, path: Path, *copies: Path) -> None:
+    def submit(self, state: dict, path: Path, *copies: Path, then=None) -> None:
+        """`then()` runs on the writer's thread once the checkpoint is on disk: what must not be recorded before."""
         self.wait()
-        self.thread = threading.Thread(target=self._write, args=(state, path, *copies), name="checkpoint-writer")
+        self.thread = threading.Thread(target=self._write, args=(state, path, copies, then), name="checkpoint-writer")
         self.thread.start()
 
-    def _write(self, state: dict, path: Path, *copies: Path) -> None:
+    def _write(self, state: dict, path: Path, copies: tuple, then) -> None:
         try:
             save_checkpoint(state, path, *copies)
+            if then is not None:
+                then()
         except BaseException as e:  # handed to the training thread at its next wait()
             self.error = e
 
@@ -92,19 +123,40 @@ class CheckpointWriter:
             self.thread = None
         if self.error is not None:
             error, self.error = self.error, None
+            if isinstance(error, CheckpointError):
+                raise error
             raise CheckpointError(f"writing a checkpoint failed: {error}") from error
 
 
+# How torch.save's files begin: a zip archive, or (before torch 1.6) a pickle of torch's magic number.
+TORCH_FILE_STARTS = (b"PK\x03\x04", b"\x80\x02\x8a\x0a" + torch.serialization.MAGIC_NUMBER.to_bytes(10, "little"))
+
+
 def load_checkpoint(path) -> dict:
-    """The checkpoint at `path`, or one clear CheckpointError saying why it cannot be used."""
+    """The checkpoint at `path`, or one clear CheckpointError saying why it cannot be used. Only tensors and plain
+    data are unpickled (weights_only); a file that holds anything else is refused as not ours, without torch's
+    advice to unpickle it anyway."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder, not a checkpoint file")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
+        with open(path, "rb") as f:
+            start = f.read(max(len(s) for s in TORCH_FILE_STARTS))
+    except OSError as e:
+        raise CheckpointError(f"checkpoint {path} cannot be read: {os.strerror(e.errno).lower()}") from None
+    if not start.startswith(TORCH_FILE_STARTS):
+        raise CheckpointError(f"{path} is not a checkpoint: torch.save did not write it (it is another kind of "
+                              "file, or corrupt)")
+    try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a damaged file; all mean the same to the user
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({reason})") from None
+        disallowed = re.search(r"GLOBAL (\S+) was not an allowed global", str(e))
+        if disallowed:
+            raise CheckpointError(f"{path} holds objects other than tensors and plain data ({disallowed[1]}): it is "
+                                  "not a checkpoint this project wrote") from None
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated") from None
     missing = {"epoch", "state_dict"} - set(ckpt) if isinstance(ckpt, dict) else {"epoch", "state_dict"}
     if missing:
         raise CheckpointError(f"checkpoint {path} is not a MoCo checkpoint (missing {', '.join(sorted(missing))})")

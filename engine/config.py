@@ -90,8 +90,10 @@ class RunConfig:
     knn_every: int = _opt(1, "kNN monitor every N epochs; 0 disables it")
     knn_k: int = _opt(200, "neighbours of the weighted kNN monitor")
     knn_t: float = _opt(0.1, "temperature of the weighted kNN monitor")
-    knn_train_samples: Optional[int] = _opt(10000, "labelled images in the kNN memory bank (all if unset)")
-    knn_val_samples: Optional[int] = _opt(2000, "labelled images the kNN monitor classifies (all if unset)")
+    knn_train_samples: Optional[int] = _opt(10000, "labelled images in the kNN memory bank: a fixed random subset "
+                                                   "of the train split (all of it where it is smaller)")
+    knn_val_samples: Optional[int] = _opt(2000, "labelled images the kNN monitor classifies: a fixed random subset "
+                                                "of the val split (all of it where it is smaller)")
     print_freq: int = _opt(10, "steps between progress updates; each reads the loss back from the device and, "
                                "under torchrun, has the ranks agree on stopping and checkpointing")
     max_steps: Optional[int] = _opt(None, "stop each epoch after this many steps (smoke tests)")
@@ -137,10 +139,17 @@ def _sections():
     return [(section.name, section.default_factory) for section in dataclasses.fields(TrainConfig)]
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default, shown once: a help text that says its own (a rule, not a value) keeps it."""
+
+    def _get_help_string(self, action):
+        return action.help if "(default:" in (action.help or "") else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="MoCo v1/v2 self-supervised pretraining. Run with no flags: MoCo v2 on Fashion-MNIST on CPU.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--preset", default="fashion-cpu", help=f"defaults to start from: {', '.join(PRESETS)}")
     valid = choices()

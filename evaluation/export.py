@@ -11,10 +11,12 @@ from __future__ import annotations
 import argparse
 import pickle as pkl
 import sys
+from functools import partial
+from pathlib import Path
 
 import torch
 
-from engine.checkpoint import CheckpointError, load_checkpoint, query_encoder_state
+from engine.checkpoint import CheckpointError, check_writable, load_checkpoint, query_encoder_state, write_atomically
 
 
 def to_detectron2(state_dict: dict) -> dict:
@@ -39,19 +41,19 @@ def to_detectron2(state_dict: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="a checkpoint written by train.py (or the official main_moco.py)")
-    parser.add_argument("output", help="file to write")
+    parser.add_argument("output", type=Path, help="file to write")
     parser.add_argument("--format", choices=("torchvision", "detectron2"), default="torchvision")
     args = parser.parse_args(argv)
     try:
+        check_writable(args.output)
         state_dict = load_checkpoint(args.checkpoint)["state_dict"]
+        if args.format == "torchvision":
+            write_atomically(args.output, partial(torch.save, query_encoder_state(state_dict)))
+        else:
+            write_atomically(args.output, partial(pkl.dump, to_detectron2(state_dict)))
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.format == "torchvision":
-        torch.save(query_encoder_state(state_dict), args.output)
-    else:
-        with open(args.output, "wb") as f:
-            pkl.dump(to_detectron2(state_dict), f)
     print(f"wrote the query encoder of {args.checkpoint} to {args.output} ({args.format})")
     return 0
 

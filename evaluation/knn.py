@@ -15,6 +15,12 @@ from model.distributed import concat_all_gather
 from model.resnet import backbone_features
 
 
+def labelled_data(data: str, loader: str, knn_data: str | None) -> str | None:
+    """The labelled data that evaluates a run (its kNN monitor, the linear probe's default): --knn-data, else
+    --data unless that holds no labels (a .beton, the synthetic loader)."""
+    return knn_data or (None if data.endswith(".beton") or loader == "synthetic" else data)
+
+
 @torch.no_grad()
 def extract_features(encoder, batches, amp_dtype=None, normalize=True):
     """Backbone features (L2-normalised unless told otherwise) and labels, with the encoder in eval mode."""

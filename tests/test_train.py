@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import torch
 
 import train
 from engine.checkpoint import load_checkpoint, query_encoder_state
-from engine.config import ConfigError, parse_config, validate
+from engine.config import ConfigError, build_parser, parse_config, to_dict, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--epochs", "2", "--max-steps", "3", "--batch-size", "32", "--moco-k", "128", "--image-size", "16",
@@ -62,7 +63,8 @@ def test_resumed_run_matches_uninterrupted_run(full_run, tmp_path):
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     (resumed / "metrics.jsonl").write_text((full_run / "metrics.jsonl").read_text().splitlines()[0] + "\n")
-    args = TINY + ["--out", str(resumed), "--resume", str(full_run / "checkpoint_0001.pth.tar")]
+    shutil.copyfile(full_run / "checkpoint_0001.pth.tar", resumed / "checkpoint_0001.pth.tar")
+    args = TINY + ["--out", str(resumed), "--resume", str(resumed / "checkpoint_0001.pth.tar")]
     assert train.main(args) == 0
     a = load_checkpoint(full_run / "checkpoint_0002.pth.tar")
     b = load_checkpoint(resumed / "checkpoint_0002.pth.tar")
@@ -219,6 +221,22 @@ def test_help_documents_every_flag():
     for flag in ["--data", "--loader", "--arch", "--moco-k", "--moco-m", "--moco-t", "--mlp", "--shuffle",
                  "--batch-size", "--lr", "--schedule", "--precision", "--resume", "--out", "--knn-k", "--preset"]:
         assert flag in text
+
+
+def test_help_states_each_default_once_and_truly():
+    """Every flag's help says its default exactly once, and what it says is what an unset flag gets."""
+    parser = build_parser()
+    formatter = parser.formatter_class(prog="train.py")
+    cfg = to_dict(parse_config([]))
+    values = {name: value for section in cfg.values() for name, value in section.items()}
+    for action in parser._actions:
+        if action.dest == "help":
+            continue
+        text = formatter._get_help_string(action) % {"default": action.default}
+        assert text.count("(default:") == 1, text
+        if action.dest in values and values[action.dest] is not None:
+            assert f"(default: {action.default})" in text and action.default == values[action.dest], text
+    assert "all if unset" not in run_cli(["--help"]).stdout
 
 
 def test_default_command_smoke(tmp_path):

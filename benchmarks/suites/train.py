@@ -68,8 +68,7 @@ def run(cfg: TrainConfig, runtime: Runtime, precision: str, opts: argparse.Names
 
 def linear_probe(cfg: TrainConfig, checkpoint: Path) -> float:
     result = checkpoint.with_name("lincls.json")
-    args = [str(checkpoint), "--data", cfg.data.knn_data or cfg.data.data, "--image-size", str(cfg.data.image_size),
-            "--json", str(result)]
+    args = [str(checkpoint), "--json", str(result)]  # the probe reads the run's labelled data and size from it
     if lincls.main(args) != 0:
         raise RuntimeError("the linear probe failed")
     return json.loads(result.read_text())["top1"]
