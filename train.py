@@ -45,11 +45,8 @@ def main(argv: list[str] | None = None) -> int:
             print(str(e), file=sys.stderr)
         # Under torchrun a stopped run ends with 0, or --max-restarts would start it again.
         return 130 if trainer.runtime.world_size == 1 else 0
-    except KeyboardInterrupt:  # a second Ctrl-C: at once, from the last checkpoint written
-        if trainer is not None and trainer.last_checkpoint:
-            print(trainer.interrupted_message(), file=sys.stderr)
-        else:
-            print("interrupted before any checkpoint was written", file=sys.stderr)
+    except KeyboardInterrupt:  # a second signal: at once, keeping the last checkpoint on disk
+        print(trainer.interrupted_message() if trainer else "interrupted before the run began", file=sys.stderr)
         return 130
     finally:
         if trainer is not None:

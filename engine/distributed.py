@@ -48,15 +48,16 @@ def init_runtime(device: torch.device, timeout_minutes: float = 30.0) -> Runtime
     return Runtime(rank=int(os.environ.get("RANK", "0")), world_size=world_size, device=device)
 
 
-def restart_hazard() -> str | None:
+def refuse_hanging_restarts() -> None:
     """torchrun (c10d rendezvous) by default shares its rendezvous store with the ranks and keeps the previous
-    round's keys there, so ranks restarted by --max-restarts connect to the dead ones and fail again
-    (pytorch/pytorch#135712). The launcher's environment decides; the ranks can only say so."""
+    round's keys there, so ranks restarted by --max-restarts find the dead ones' and wait for them until the
+    collective timeout (pytorch/pytorch#135712). No key tells the ranks of one round apart from the last one's
+    (each node counts its own restarts), so a launch that would hang at its first restart is refused before it
+    joins a process group."""
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS",
                                                                                        "0")) > 0:
-        return ("torchrun shares its rendezvous store with the ranks, which breaks --max-restarts "
-                "(pytorch/pytorch#135712): launch it with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1")
-    return None
+        raise ConfigError("torchrun --max-restarts with its shared rendezvous store hangs the restarted ranks "
+                          "(pytorch/pytorch#135712): launch it with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1")
 
 
 def max_over_ranks(values: torch.Tensor, runtime: Runtime) -> list:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 from pathlib import Path
 
 from engine.config import ConfigError
@@ -89,7 +90,10 @@ class RunDir:
         return rows
 
     def restart_metrics(self, keep_through_epoch: int | None) -> None:
-        """A fresh run starts an empty file; a resumed one keeps the rows of the epochs it does not train again."""
+        """A fresh run starts an empty file and no TensorBoard events; a resumed one keeps the rows of the epochs
+        it does not train again."""
+        if keep_through_epoch is None:
+            shutil.rmtree(self.path / "tb", ignore_errors=True)
         rows = [] if keep_through_epoch is None else [r for r in self.rows() if r["epoch"] <= keep_through_epoch]
         self.metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
 

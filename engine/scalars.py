@@ -25,12 +25,15 @@ def peak_device_mb(device: torch.device) -> float | None:
 
 
 class Scalars:
-    def __init__(self, log_dir: Path | None, resume_step: int = 0):
+    def __init__(self, log_dir: Path | None, resume_step: int | None = None):
         self.writer = None
         if log_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(log_dir), purge_step=resume_step or None)
+            # What the interrupted run wrote after its checkpoint's step goes; that step's own scalars were
+            # written before the checkpoint was, so they stay, and the resumed run writes only later steps.
+            purge_step = None if resume_step is None else resume_step + 1
+            self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
 
     def add(self, step: int, **values: float | None) -> None:
         if self.writer is None:

@@ -28,7 +28,7 @@ from engine.checkpoint import CheckpointError, CheckpointWriter, load_checkpoint
 from engine.config import ConfigError, TrainConfig, changed_settings, loader_options, to_dict, validate
 from engine.cuda_graph import GraphedStep
 from engine.distributed import (Runtime, from_main, gather_on_main, init_runtime, max_over_ranks, pick_device,
-                                restart_hazard, shutdown, world_size_from_env)
+                                refuse_hanging_restarts, shutdown, world_size_from_env)
 from engine.optim import (build_optimizer, check_same_optimizer, lay_out_state_like_params, learning_rate,
                           set_learning_rate)
 from engine.rundir import RunDir
@@ -36,7 +36,7 @@ from engine.scalars import Scalars, peak_device_mb, peak_host_rss_mb
 from engine.signals import StopSignals
 from engine.step import AMP_DTYPES, MocoStep, resolve_precision
 from evaluation.data import build_eval_loader
-from evaluation.knn import KnnMonitor
+from evaluation.knn import KnnMonitor, labelled_data
 from model import MoCo, build_encoder
 from model.moco import no_stage
 from pipeline import build_loader
@@ -94,8 +94,7 @@ def build_step(cfg: TrainConfig, runtime: Runtime, model, optimizer, precision: 
 def build_knn_monitor(cfg: TrainConfig, runtime: Runtime, amp_dtype) -> KnnMonitor | None:
     """The kNN monitor over the labelled data, or None (with a notice) when there is none."""
     r = cfg.run
-    data = cfg.data.knn_data or (None if cfg.data.data.endswith(".beton") or cfg.data.loader == "synthetic"
-                                 else cfg.data.data)
+    data = labelled_data(cfg.data.data, cfg.data.loader, cfg.data.knn_data)
     if r.knn_every <= 0:
         return None
     if data is None:
@@ -143,19 +142,21 @@ class Trainer:
         self.cfg = cfg
         device = pick_device(cfg.run.device)
         validate(cfg, world_size_from_env(), device.type)
+        refuse_hanging_restarts()
         self.owns_process_group = world_size_from_env() > 1 and not torch.distributed.is_initialized()
         self.runtime = init_runtime(device, cfg.run.dist_timeout_minutes)
         self.precision = resolve_precision(cfg.step.precision, device)
         self.amp_dtype = AMP_DTYPES[self.precision]
         self.run_dir = RunDir(cfg.run.out)
         self.writer = CheckpointWriter()
-        self.signals = StopSignals(second_signal_stops_at_once=self.runtime.world_size == 1)
+        self.signals = StopSignals(second_signal_stops_at_once=self.runtime.world_size == 1,
+                                   announce=self.runtime.is_main)
         self.progress = progress_bar(self.runtime.is_main)
         self.epoch, self.step = 0, 0
         self.resumed_from: Path | None = None
         self.loaded: dict | None = None  # rank 0's checkpoint, read once while choosing it
         self.rank_state: dict | None = None  # this rank's part of a mid-epoch checkpoint, until the epoch starts
-        self.last_checkpoint: tuple[Path, int, int] | None = None  # (path, epoch, step) of the newest one written
+        self.last_checkpoint: tuple[Path, int, int] | None = None  # (path, epoch, step) of the newest one on disk
         self.last_save_time = self.last_log_line = time.monotonic()
         self.scalars = Scalars(None)  # rank 0's writes to OUT/tb once built
 
@@ -172,9 +173,6 @@ class Trainer:
                 self.run_dir.refuse_overwrite()
         except (ConfigError, CheckpointError) as e:
             return None, str(e)
-        hazard = restart_hazard()
-        if hazard:
-            console.print(f"warning: {hazard}")
         return path, None
 
     def checkpoint_to_resume(self) -> Path | None:
@@ -235,7 +233,8 @@ class Trainer:
         self.knn = build_knn_monitor(cfg, runtime, self.amp_dtype)
         if runtime.is_main:
             self.run_dir.restart_metrics(self.epoch if checkpoint is not None else None)
-            self.scalars = Scalars(self.run_dir.path / "tb", resume_step=self.global_step)
+            self.scalars = Scalars(self.run_dir.path / "tb", resume_step=self.global_step if checkpoint is not None
+                                   else None)
 
     def resume(self, checkpoint: dict, path: Path) -> None:
         """Model, queue, optimizer, scaler and position from `checkpoint`; for one cut inside an epoch, also this
@@ -295,6 +294,7 @@ class Trainer:
             try:
                 if self.resumed_from is None:
                     self.evaluate_init()
+                    self.stop_if_asked(save=True)  # a signal during the random init's kNN pass: no step trained
                 if runtime.is_main:
                     console.print(f"MoCo {cfg.model.arch} | loader {cfg.data.loader} | {runtime.device} "
                                   f"x{runtime.world_size} | {self.precision} | batch {cfg.optim.batch_size} | "
@@ -448,10 +448,9 @@ class Trainer:
         last = self.epoch == cfg.run.epochs
         knn = (self.knn(self.moco.encoder_q)
                if self.knn and (self.epoch % cfg.run.knn_every == 0 or last) else None)
+        row = dict(epoch=self.epoch, loss=loss, knn_top1=knn, img_per_s=img_s, lr=self.lr, skipped_steps=skipped,
+                   data_wait=data_wait)
         if runtime.is_main:
-            row = dict(epoch=self.epoch, loss=loss, knn_top1=knn, img_per_s=img_s, lr=self.lr, skipped_steps=skipped,
-                       data_wait=data_wait)
-            self.run_dir.append_metrics(row)
             self.scalars.add(self.global_step, **{"epoch/loss": loss, "epoch/knn_top1": knn, "epoch/img_per_s": img_s,
                                             "epoch/data_wait_fraction": data_wait, "epoch/lr": self.lr,
                                             "epoch/peak_device_mb": peak_device_mb(runtime.device),
@@ -462,16 +461,30 @@ class Trainer:
                                         + (f"  kNN top-1 {knn:.2f}%" if knn is not None else "")
                                         + (f"  ({skipped} steps skipped by the fp16 GradScaler: non-finite "
                                            f"gradients)" if skipped else ""))
-        self.save(keep=self.epoch % cfg.run.save_every == 0 or last)
-        flags = torch.tensor([int(self.signals.requested)], device=runtime.device)
-        if max_over_ranks(flags, runtime)[0] and not last:
+        self.save(keep=self.epoch % cfg.run.save_every == 0 or last, row=row)
+        if not last:
+            self.stop_if_asked(save=False)  # the epoch's checkpoint is being written
+
+    def stop_if_asked(self, save: bool) -> None:
+        """Between epochs (and after the random init's kNN pass): a stop asked for on any rank, honoured with a
+        checkpoint of where the run is."""
+        flags = torch.tensor([int(self.signals.requested)], device=self.runtime.device)
+        if max_over_ranks(flags, self.runtime)[0]:
+            if save:
+                self.save()
             self.stop()
 
     # --- checkpoints ---
 
-    def save(self, keep: bool = False) -> None:
-        """checkpoint_last (and checkpoint_EPOCH when `keep`) of where the run is now, written in the background.
-        Inside an epoch every rank's RNG, loader state and loss sum go with it, gathered on rank 0."""
+    def save(self, keep: bool = False, row: dict | None = None) -> None:
+        """checkpoint_last (and checkpoint_EPOCH when `keep`) of where the run is now, written in the background;
+        the epoch's metrics `row` is appended once it is on disk, so no row claims an epoch that no checkpoint
+        holds. Inside an epoch every rank's RNG, loader state and loss sum go with it, gathered on rank 0. A
+        second signal waits until the checkpoint is handed to the writer, which finishes it."""
+        with self.signals.deferred():
+            self.hand_to_writer(keep, row)
+
+    def hand_to_writer(self, keep: bool, row: dict | None) -> None:
         cfg, runtime = self.cfg, self.runtime
         ranks = None
         if self.step:
@@ -481,8 +494,9 @@ class Trainer:
                               loader=self.loader.state_dict(), loss_sum=self.loss_sum)
             ranks = gather_on_main(to_host(rank_state), runtime)
         path, self.last_save_time = self.run_dir.last_checkpoint, time.monotonic()
+        where = (path, self.epoch, self.step)
         if not runtime.is_main:
-            self.last_checkpoint = (path, self.epoch, self.step)
+            self.last_checkpoint = where
             return
         state = dict(epoch=self.epoch, step=self.step, arch=cfg.model.arch, state_dict=with_prefix(self.moco.state_dict()),
                      optimizer=self.optimizer.state_dict(), config=to_dict(cfg), steps_per_epoch=self.steps,
@@ -492,8 +506,14 @@ class Trainer:
         state = to_host(state)
         if ranks is not None:
             state["ranks"] = ranks
-        self.writer.submit(state, path, *([self.run_dir.epoch_checkpoint(self.epoch)] if keep else []))
-        self.last_checkpoint = (path, self.epoch, self.step)  # handed to the writer; interrupted_message waits for it
+        self.writer.submit(state, path, *([self.run_dir.epoch_checkpoint(self.epoch)] if keep else []),
+                           then=functools.partial(self.written, where, row))
+
+    def written(self, where: tuple[Path, int, int], row: dict | None) -> None:
+        """On the writer's thread, once the checkpoint at `where` is on disk."""
+        self.last_checkpoint = where
+        if row is not None:
+            self.run_dir.append_metrics(row)
 
     def write_failed(self) -> None:
         """Every rank stops on rank 0's failed checkpoint write, learnt at a check-in, not rank 0 alone."""
@@ -512,9 +532,20 @@ class Trainer:
         return f"epoch {epoch}" if not step else f"{epoch} epochs and {step}/{self.steps} steps of epoch {epoch + 1}"
 
     def interrupted_message(self) -> str:
-        self.writer.wait()
+        """What a stop keeps: the newest checkpoint on disk, once a write in progress has ended; after a second
+        signal, also the training it does not keep."""
+        try:
+            self.writer.wait()
+            failure = ""
+        except CheckpointError as e:
+            failure = f"; {e}"
+        trained = self.epoch, self.step
+        lost = "" if self.last_checkpoint and self.last_checkpoint[1:] == trained else \
+            f" (the training to {self.describe(*trained)} is not kept{failure})"
+        if self.last_checkpoint is None:
+            return "interrupted before any checkpoint was written" + ("" if trained == (0, 0) else lost)
         path, epoch, step = self.last_checkpoint
-        return f"interrupted: {path} holds {self.describe(epoch, step)}; continue with --resume {path}"
+        return f"interrupted: {path} holds {self.describe(epoch, step)}; continue with --resume {path}" + lost
 
 
 class NothingLeft(ConfigError):

@@ -43,11 +43,14 @@ def node(data, out, port, *extra):
             "--max-restarts", "1", "--monitor-interval", "0.5", *train_args(data, out, *extra)]
 
 
-def start(command) -> subprocess.Popen:
-    # torchrun's shared rendezvous store keeps the last round's keys, so restarted ranks would connect to the dead
+def start(command, own_store: bool = True) -> subprocess.Popen:
+    # torchrun's shared rendezvous store keeps the last round's keys, so restarted ranks would wait for the dead
     # ones (pytorch/pytorch#135712); the README's torchrun lines set this too. One thread per rank in both launch
     # modes (torchrun sets it only for several ranks per node): float sums depend on the thread count.
-    env = {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", None)
+    if own_store:
+        env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, env=env)
 
@@ -120,3 +123,18 @@ def test_kill_9_of_one_rank_is_an_elastic_restart_that_continues_exactly(small_f
     assert [n.returncode for n in nodes] == [0, 0], "\n".join(o[-3000:] for o in outputs)
     assert any("resumed from" in o for o in outputs)
     assert_same_weights(never_stopped, tmp_path)
+
+
+def test_restarts_under_torchruns_shared_store_are_refused_at_start(small_fashion, tmp_path):
+    """torchrun's defaults (the shared rendezvous store) with --max-restarts: every rank refuses in one line before
+    it joins a process group, each round ends at once, and nothing is trained or written."""
+    port = free_port()
+    started = time.monotonic()
+    nodes = [start(node(small_fashion, tmp_path, port, "--resume", "auto"), own_store=False) for _ in range(2)]
+    outputs = [finish(n, timeout=180) for n in nodes]
+    assert all(n.returncode != 0 for n in nodes), "\n".join(o[-3000:] for o in outputs)
+    assert time.monotonic() - started < 150
+    refusal = ("error: torchrun --max-restarts with its shared rendezvous store hangs the restarted ranks "
+               "(pytorch/pytorch#135712): launch it with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1")
+    assert all(refusal in o.splitlines() for o in outputs), "\n".join(o[-3000:] for o in outputs)
+    assert not list(tmp_path.glob("checkpoint*")) and not (tmp_path / "metrics.jsonl").exists()

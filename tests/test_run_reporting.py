@@ -1,6 +1,7 @@
 """What a run says about itself: the fraction of time it waited for data, and TensorBoard scalars under OUT/tb."""
 
 import json
+import logging
 import time
 
 import pytest
@@ -57,3 +58,17 @@ def test_tensorboard_holds_the_promised_scalars(small_fashion, tmp_path):
     assert [e.value for e in events.Scalars("epoch/loss")] == pytest.approx([r["loss"] for r in rows])
     assert [e.value for e in events.Scalars("epoch/data_wait_fraction")] == pytest.approx([r["data_wait"]
                                                                                            for r in rows])
+
+
+def test_a_resumed_run_keeps_every_scalar_of_its_checkpoint_and_writes_no_step_twice(small_fashion, tmp_path, caplog):
+    """Epoch 1, then a resume for epoch 2: TensorBoard reads one curve, with nothing purged or written twice."""
+    args = ["--data", small_fashion, "--out", str(tmp_path), "--knn-every", "0", *QUICK]
+    run([*args, "--epochs", "1"])
+    run([*args, "--epochs", "2", "--resume", "auto"])
+    events = EventAccumulator(str(tmp_path / "tb"))
+    with caplog.at_level(logging.WARNING, logger="tensorboard"):
+        events.Reload()
+    assert not [r for r in caplog.records if "out of order" in r.getMessage()], caplog.text
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6, 8, 10, 12]
+    assert [e.step for e in events.Scalars("epoch/loss")] == [6, 12]
+    assert [e.value for e in events.Scalars("epoch/loss")] == pytest.approx([r["loss"] for r in epoch_rows(tmp_path)])
