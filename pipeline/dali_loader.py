@@ -17,6 +17,10 @@ GPU, decoded pixels may also depend on which nvJPEG backend, hardware or CUDA, g
 
 Fashion-MNIST (arrays, not JPEG files) enters through `fn.external_source` in the same order, is upscaled to
 `image_size` as `FashionMNIST.load` does, and then goes through the same crop and augmentation ops.
+
+DALI's decoder reads every image format that counts as one (`pipeline.datasets.IMAGE_EXTENSIONS`) but GIF, so a
+dataset with GIFs is refused in one line (`refuse_gifs`); it scales 16-bit PNGs to 8 bits as the other loaders do
+(`pipeline.datasets.to_rgb`).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from nvidia.dali import fn, math as dmath, pipeline_def, types
 from pipeline.augs import AugRecipe, get_recipe
 from pipeline.common import (check_start_step, default_workers, derive_seed, epoch_shard, steps_per_epoch,
                              to_step_layout)
-from pipeline.datasets import FashionMNIST, resolve_dataset
+from pipeline.datasets import FashionMNIST, ImageFolderFiles, is_gif, resolve_dataset
 from pipeline.errors import DataError
 
 READER = "Reader"
@@ -258,13 +262,29 @@ def to_torch(tensor_list) -> torch.Tensor:
 
 
 def unreadable_file(dataset, in_flight: np.ndarray) -> DataError | None:
-    """DALI's decoder errors do not name the file: decode the samples in flight with PIL to find it."""
+    """DALI's decoder errors do not name the file: decode the samples in flight with PIL to find it, or the GIF
+    among them (named as another format: `refuse_gifs` finds the others)."""
     for index in in_flight:
         try:
             dataset.load(int(index))
         except DataError as error:  # "unreadable image PATH: reason"
             return error
+        if isinstance(dataset, ImageFolderFiles) and is_gif(dataset.samples[index][0]):
+            return gif_error(dataset.samples[index][0], 1)
     return None
+
+
+def gif_error(path: str, count: int) -> DataError:
+    held = f"{path} is one" if count == 1 else f"the data holds {count}, e.g. {path}"
+    return DataError(f"the dali loader cannot decode GIF images and {held}: convert them to PNG, or use --loader torch")
+
+
+def refuse_gifs(dataset) -> None:
+    """GIFs count as images (pipeline.datasets.IMAGE_EXTENSIONS: PIL reads them), but DALI's decoder does not."""
+    if isinstance(dataset, ImageFolderFiles):
+        gifs = [path for path, _ in dataset.samples if path.lower().endswith(".gif")]
+        if gifs:
+            raise gif_error(gifs[0], len(gifs))
 
 
 class InFlight:
@@ -406,6 +426,7 @@ def build(data, *, batch_size, image_size, device, aug="v2", rank=0, world_size=
     if dtype not in OUTPUT_TYPES:
         raise ValueError(f"the dali loader outputs {', '.join(map(str, OUTPUT_TYPES))}, not {dtype}")
     dataset = resolve_dataset(data, "train", image_size, verify)
+    refuse_gifs(dataset)
     decoder_options = dict(hw_decoder_load=hw_decoder_load, device_memory_padding=device_memory_padding,
                            host_memory_padding=host_memory_padding, preallocate_width_hint=preallocate_width_hint,
                            preallocate_height_hint=preallocate_height_hint)

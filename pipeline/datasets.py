@@ -8,17 +8,19 @@
 
 from __future__ import annotations
 
+import collections
 import functools
 import gzip
 import os
 import struct
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+from torchvision.datasets.folder import find_classes, make_dataset
 
 from pipeline.errors import DataError
 
@@ -28,9 +30,22 @@ FASHION_MNIST_FILES = {
     "val": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 
-# Leading bytes of every image format PIL and DALI decode, whatever the file's extension says: real ImageNet
-# holds a PNG named .JPEG (train/n02105855/n02105855_2933.JPEG), and both decoders read it by its content.
-IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"P6", b"P3", b"P5", b"P2", b"BM", b"GIF8", b"II*\x00",
+# What counts as an image in an ImageFolder, for every loader: a file with one of these extensions (in any case).
+# torchvision's IMG_EXTENSIONS and GIF, which PIL reads (its first frame) and DALI's decoder does not: the DALI
+# loader refuses a dataset that holds GIFs in one line. Other files in the class folders are skipped with a notice.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+
+# Training images are the user's own files, not untrusted input, so PIL's decompression-bomb check (a warning from
+# 89M pixels, an error from 179M) is replaced by one limit on what an image may cost a loader worker: 16384 x 16384
+# pixels, 0.8 GB decoded as RGB. An image over it is a one-line DataError where PIL opens it (the torch loader, the
+# evaluation data, the FFCV writer); DALI's decoder has no such limit.
+MAX_IMAGE_PIXELS = 16384 * 16384
+Image.MAX_IMAGE_PIXELS = None
+
+# Leading bytes of every image format PIL decodes (DALI: all but GIF), whatever the file's extension says: real
+# ImageNet holds a PNG named .JPEG (train/n02105855/n02105855_2933.JPEG), and both decoders read it by its content.
+GIF_MAGIC = b"GIF8"
+IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"P6", b"P3", b"P5", b"P2", b"BM", GIF_MAGIC, b"II*\x00",
                b"MM\x00*", b"RIFF", b"\x00\x00\x00\x0cjP  ")
 
 
@@ -118,7 +133,12 @@ class ImageFolderFiles:
         path = self.samples[index][0]
         try:
             with Image.open(path) as img:
-                return img.convert("RGB")
+                if img.width * img.height > MAX_IMAGE_PIXELS:
+                    raise DataError(f"image {path} is {img.width}x{img.height} pixels, over the limit of "
+                                    f"{MAX_IMAGE_PIXELS:,} (pipeline.datasets.MAX_IMAGE_PIXELS): shrink it")
+                return to_rgb(img)
+        except DataError:
+            raise
         except (OSError, ValueError, SyntaxError) as e:
             raise DataError(f"unreadable image {path}: {e}") from None
 
@@ -128,18 +148,63 @@ class ImageFolderFiles:
 
 PROBE_FILES, SLOW_OPEN_S = 1000, 50e-6
 
+# PIL's modes that keep 16 bits per sample, and "I" (32-bit), in which older Pillows open 16-bit grayscale PNGs.
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """The image as 8-bit RGB. 16-bit grayscale is scaled as DALI's decoder scales it, v -> round(v * 255 / 65535)
+    = (v + 128) // 257, the whole 16-bit range onto the 8-bit one; PIL's own convert would clip every value over
+    255, turning the image nearly white. (PIL opens 16-bit colour images at 8 bits itself, keeping the high byte:
+    at most one level from that scaling.)"""
+    if img.mode in SIXTEEN_BIT_MODES:
+        samples = np.clip(np.asarray(img, dtype=np.int64), 0, 65535)
+        img = Image.fromarray(((samples + 128) // 257).astype(np.uint8), mode="L")
+    return img.convert("RGB")
+
+
+def is_image_file(path: str) -> bool:
+    return path.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def is_gif(path: str) -> bool:
+    """By content, as decoders see a file, whatever its name."""
+    with open(path, "rb") as f:
+        return f.read(len(GIF_MAGIC)) == GIF_MAGIC
+
 
 @functools.lru_cache(maxsize=8)
 def _list_image_folder(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
     """(classes, (path, label) samples) of an ImageFolder, listed once per process: the training loader and the
-    kNN monitor's memory bank read the same 1.28M-file tree."""
+    kNN monitor's memory bank read the same 1.28M-file tree.
+
+    Labels are torchvision ImageFolder's: every class folder is a class, an empty one too, so that a split's labels
+    match the other split's (train/ and val/ list the same classes). A notice names the class folders without
+    images, and another counts the files skipped because they are no images (IMAGE_EXTENSIONS), by extension.
+    """
     try:
         classes, class_to_idx = find_classes(str(root))
     except FileNotFoundError:
         raise DataError(f"data path {root} is empty: expected one sub-folder of images per class") from None
-    samples = make_dataset(str(root), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+    skipped = collections.Counter()
+
+    def keep_image(path: str) -> bool:
+        if is_image_file(path):
+            return True
+        skipped[os.path.splitext(path)[1].lower() or "no extension"] += 1
+        return False
+
+    samples = make_dataset(str(root), class_to_idx, is_valid_file=keep_image, allow_empty=True)
     if not samples:
-        raise DataError(f"data path {root} has class folders but no images ({', '.join(IMG_EXTENSIONS)})")
+        raise DataError(f"data path {root} has class folders but no images ({', '.join(IMAGE_EXTENSIONS)})")
+    if skipped:
+        by_type = ", ".join(f"{extension} {count}" for extension, count in
+                            sorted(skipped.items(), key=lambda item: (-item[1], item[0])))
+        print(f"data path {root}: skipped {skipped.total()} files that are not images ({by_type})", file=sys.stderr)
+    empty = sorted(set(classes) - {classes[label] for _, label in samples})
+    if empty:
+        print(f"data path {root}: {len(empty)} of {len(classes)} class folders hold no images and still count as "
+              f"classes: {', '.join(empty)}", file=sys.stderr)
     return classes, samples
 
 

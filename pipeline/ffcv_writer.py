@@ -18,17 +18,28 @@ FFCV's writer forks worker processes, then waits for their count of written samp
 dies (seen once in this test suite: two exited workers, the writer asleep in its progress loop). A watchdog
 thread therefore watches the workers; if all of them are gone and the writer still waits, it stops the wait,
 and the write is tried once more in fresh workers before it fails with a DataError.
+
+The file is written as OUT.PID.partial beside OUT and renamed to OUT once complete, so OUT is never a partial
+file. SIGINT (Ctrl-C, to the process or its whole group) or SIGTERM stops a write at once: the workers are
+killed, the partial file removed, and the command prints `interrupted: nothing written to OUT` and exits with
+status 130, as the trainer does.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
+import gc
 import multiprocessing
 import os
+import signal
+import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass
+from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +54,7 @@ from pipeline.errors import DataError
 IMAGE_FIELD, LABEL_FIELD = "image", "label"
 FASHION_MNIST_SIDE = 28
 WORKERS_GONE_GRACE_S = 60.0  # once its workers have exited, FFCV's writer only appends its sample table
+INTERRUPTED_STATUS = 130  # the shell's status for Ctrl-C, also after SIGTERM (the trainer's too)
 
 
 @dataclass(frozen=True)
@@ -123,6 +135,17 @@ class WorkerWatchdog(threading.Thread):
                 exited += 1
         return live, exited
 
+    def kill_workers(self) -> None:
+        """Kills and reaps the processes forked since the write began, found by process id rather than through
+        multiprocessing, so that a worker forked a moment before the write stopped is not missed."""
+        forked = []
+        for child in self.me.children():
+            with contextlib.suppress(psutil.Error):
+                if child.pid not in self.before and child.cmdline() == self.command:
+                    child.kill()
+                    forked.append(child)
+        psutil.wait_procs(forked)
+
     def run(self) -> None:
         gone_since = None
         while not self.done.wait(0.5):
@@ -144,26 +167,126 @@ class WorkerWatchdog(threading.Thread):
             ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self.writer_thread), None)
 
 
+class WriteInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM during `write_beton`, raised once its workers and partial file are gone; a KeyboardInterrupt,
+    so that callers stop as they would on Ctrl-C."""
+
+
+class StopOnSignal:
+    """While a write runs, SIGINT and SIGTERM raise WriteInterrupted in the main thread of the process that writes.
+
+    FFCV's workers are forked with these handlers; there the handler ignores the signal (a terminal's Ctrl-C reaches
+    the whole process group) and the writing process kills them, so no worker prints a KeyboardInterrupt traceback.
+    Only the first signal raises: the clean-up it starts is not interrupted by a second. `disarm` ignores signals
+    from then on, while a finished file takes its final name. Outside the main thread Python cannot take signals,
+    and nothing changes.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self):
+        self.pid, self.armed, self.previous = os.getpid(), True, {}
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {signum: signal.signal(signum, self.handle) for signum in self.SIGNALS}
+        return self
+
+    def handle(self, signum, frame) -> None:
+        if os.getpid() == self.pid and self.armed:
+            self.armed = False
+            raise WriteInterrupted(signal.Signals(signum).name)
+
+    def disarm(self) -> None:
+        self.armed = False
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
+def abandon_write(writer: DatasetWriter, watchdog: WorkerWatchdog, stop: BaseException) -> None:
+    """Undoes what FFCV leaves behind when a write stops midway (`stop` raised inside it), so this process can exit.
+
+    The workers are killed, the metadata's shared memory unlinked (no "leaked shared_memory" warning at exit) and the
+    progress bar ended on its line. The work queue is told not to be flushed at exit: with no worker left to read
+    it, its feeder thread never finishes, and interpreter exit would wait for it forever (multiprocessing's
+    _finalize_join). FFCV keeps the queue and the bar to itself, as locals of `DatasetWriter._write_common`, so they
+    are taken from that frame in the traceback of `stop` (absent if the write stopped before or after it).
+    """
+    watchdog.kill_workers()
+    for frame, _ in traceback.walk_tb(stop.__traceback__):
+        if frame.f_code is DatasetWriter._write_common.__code__:
+            if "workqueue" in frame.f_locals:
+                frame.f_locals["workqueue"].cancel_join_thread()
+            if "progress" in frame.f_locals:
+                frame.f_locals["progress"].close()
+    metadata = getattr(writer, "metadata_sm", None)
+    if isinstance(metadata, SharedMemory):
+        metadata.close()
+        with contextlib.suppress(FileNotFoundError):  # already unlinked by a write that had finished
+            metadata.unlink()
+
+
+@contextlib.contextmanager
+def inherited_objects_frozen():
+    """While FFCV forks its workers, the objects they inherit are frozen (gc.freeze), so that no worker's garbage
+    collector finalises one: a DALI pipeline still awaiting collection, finalised in a worker, would wait forever
+    for its threads, which a fork does not copy."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+def partial_path(out: Path) -> Path:
+    """Where `out` is written until it is complete: beside it, so the final rename is atomic."""
+    return out.with_name(f"{out.name}.{os.getpid()}.partial")
+
+
 def write_beton(data: str, out: str | Path, *, split: str = "train", max_resolution: int | None = 512,
                 jpeg_quality: int = 90, compress_probability: float = 0.5, workers: int | None = None,
                 verify: bool = True) -> WriteReport:
-    """Write `data`'s `split` to `out`; a bad image, or writer workers that die twice, leave no partial file."""
+    """Write `data`'s `split` to `out`. A bad image, writer workers that die twice, or SIGINT/SIGTERM (raising
+    WriteInterrupted) leave `out` as it was and no partial file."""
     out = Path(out)
     if not out.parent.is_dir():
         raise DataError(f"output directory {out.parent} does not exist")
+    partial = partial_path(out)
+    with StopOnSignal() as signals:
+        try:
+            images, seconds = write_partial(data, partial, out, split=split, max_resolution=max_resolution,
+                                            jpeg_quality=jpeg_quality, compress_probability=compress_probability,
+                                            workers=workers, verify=verify)
+            signals.disarm()  # the file is complete: a signal must not cut its rename short
+            partial.replace(out)
+        except WriteInterrupted:
+            raise WriteInterrupted(f"interrupted: nothing written to {out}") from None
+        finally:
+            signals.disarm()  # nor the clean-up of a failed write
+            partial.unlink(missing_ok=True)  # gone already once renamed
+    return WriteReport(out, images, out.stat().st_size, seconds)
+
+
+def write_partial(data: str, partial: Path, out: Path, *, split: str, max_resolution: int | None,
+                  jpeg_quality: int, compress_probability: float, workers: int | None,
+                  verify: bool) -> tuple[int, float]:
+    """(images, seconds) of the write itself, to `partial`; a failure raises and leaves `partial` to the caller."""
     dataset = resolve_dataset(data, split, FASHION_MNIST_SIDE, verify)
     fields = {IMAGE_FIELD: image_field(max_resolution, jpeg_quality, compress_probability), LABEL_FIELD: IntField()}
     start = time.perf_counter()
     for attempt in (1, 2):
         failures = multiprocessing.SimpleQueue()
+        writer = DatasetWriter(str(partial), fields, num_workers=workers or os.cpu_count() or 1)
         watchdog = WorkerWatchdog()
         watchdog.start()
         try:
-            writer = DatasetWriter(str(out), fields, num_workers=workers or os.cpu_count() or 1)
-            writer.from_indexed_dataset(FailureRecordingDataset(dataset, failures))
+            with inherited_objects_frozen():
+                writer.from_indexed_dataset(FailureRecordingDataset(dataset, failures))
             break
-        except WorkersDied:
-            out.unlink(missing_ok=True)
+        except (WorkersDied, WriteInterrupted) as stop:
+            abandon_write(writer, watchdog, stop)
+            if isinstance(stop, WriteInterrupted):
+                raise
             if attempt == 2:
                 raise DataError(f"FFCV's writer workers died twice before writing every image (their errors are "
                                 f"above); no {out} written") from None
@@ -171,9 +294,8 @@ def write_beton(data: str, out: str | Path, *, split: str = "train", max_resolut
             watchdog.stop()
     seconds = time.perf_counter() - start
     if not failures.empty():
-        out.unlink()
         raise DataError(f"{failures.get()} (no {out} written)")
-    return WriteReport(out, len(dataset), out.stat().st_size, seconds)
+    return len(dataset), seconds
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -194,6 +316,9 @@ def main(argv: list[str] | None = None) -> None:
                              workers=args.workers)
     except (DataError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
+    except WriteInterrupted as e:
+        print(e, file=sys.stderr)
+        raise SystemExit(INTERRUPTED_STATUS) from None
     print(f"wrote {report.images} images to {report.path}: {report.size_bytes / 2**20:.1f} MiB, "
           f"{report.images_per_s:.0f} images/s ({report.seconds:.1f} s)")
 
