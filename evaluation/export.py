@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from engine.checkpoint import CheckpointError, check_writable, load_checkpoint, query_encoder_state, write_atomically
+from model.checkpoint import CheckpointError, check_writable, load_checkpoint, query_encoder_state, write_atomically
 
 
 def to_detectron2(state_dict: dict) -> dict:

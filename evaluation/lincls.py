@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from rich.progress import track
 
-from engine.checkpoint import CheckpointError, check_writable, load_checkpoint, query_encoder_state
-from engine.config import HelpFormatter
+from model.checkpoint import CheckpointError, check_writable, load_checkpoint, query_encoder_state
+from evaluation.cli import HelpFormatter
 from evaluation.data import build_eval_loader
 from evaluation.knn import extract_features, labelled_data
 from model.resnet import build_encoder

@@ -1,6 +1,7 @@
 """What the benchmarks say: the profile's verdict agrees with its figures and every variant it compares is warmed
-up; the ffcv-cost and checkpoint tables print what those suites measured, in words that are true."""
+up; the ffcv-cost study's and the checkpoint suite's tables print what they measured, in words that are true."""
 
+import dataclasses
 import io
 import json
 import re
@@ -11,7 +12,7 @@ import torch
 from rich.console import Console
 
 from benchmarks.__main__ import main
-from benchmarks.core import options, report, timing, workload
+from benchmarks.core import options, record, report, timing, workload
 from benchmarks.suites import checkpoint, profile
 from engine.step import MocoStep
 
@@ -78,23 +79,25 @@ def test_profile_warms_up_every_step_variant_on_its_own(monkeypatch, tmp_path):
     assert list(warmups.values()) == [profile.MIN_WARMUP] * 2
 
 
-def printed(record: dict) -> str:
+def printed(result: record.Record) -> str:
     console = Console(file=io.StringIO(), width=250)
-    report.print_record(record, console)
+    report.print_record(result, console)
     return console.file.getvalue()
 
 
 def test_ffcv_cost_prints_its_own_settings_not_the_model():
     pytest.importorskip("ffcv")
-    from benchmarks.suites import ffcv_cost
+    from benchmarks.studies import ffcv_cost
 
-    opts, cfg = options.parse(["ffcv-cost", "--arch", "resnet_mini_cifar", "--moco-k", "1024", "--batch-size", "16"])
+    opts, cfg = options.parse(["--arch", "resnet_mini_cifar", "--moco-k", "1024", "--batch-size", "16"], ffcv_cost)
     runtime = types.SimpleNamespace(device=torch.device("cpu"), world_size=1)
-    head = report.header("ffcv-cost", runtime, cfg, "fp32", opts, ["python", "-m", "benchmarks", "ffcv-cost"])
+    command = ["python", "-m", "benchmarks.studies.ffcv_cost"]
+    head = record.header(opts.suite, runtime, cfg, "fp32", opts, command)
     sides = [ffcv_cost.Side(name, "2000 JPEGs q90, 400x350 mean, 60 MiB", [cpu_s], [500.0])
              for name, cpu_s in (("torch v2", 0.010), ("torch crop+flip", 0.006), ("ffcv 256px, 1 thread", 0.001))]
-    records = report.records(report.document(head, ffcv_cost.records(sides, repeats=1, thread_counts=[1])))
-    text = printed(records[2])
+    doc = record.document([dataclasses.replace(r, **head) for r in ffcv_cost.records(sides, 1, thread_counts=[1])])
+    text = printed(record.from_document(doc)[2])  # as written and read back
+    assert doc["suite"] == "ffcv-cost" and doc["results"][2]["fraction_of_torch_v2"] == pytest.approx(0.1)
     assert "resnet_mini_cifar" not in text and "K 1024" not in text and "batch 16" not in text
     assert "batch 64, two 224 px views per image, from 2000 JPEGs q90, 400x350 mean, 60 MiB" in text
     assert "median over 1 epoch of" in text

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from benchmarks.__main__ import main
+from benchmarks.core import record
 from benchmarks.tools.imagenet_like import generate
 
 # One thread: on a shared 2-core machine it is the steadiest setting (see --threads).
@@ -17,6 +18,7 @@ TINY = ["--arch", "resnet_mini_cifar", "--batch-size", "16", "--image-size", "16
 STEP_STAGES = ["query_forward", "momentum_update", "shuffle", "key_forward", "unshuffle", "loss", "queue_update",
                "backward", "optimizer"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
 
 def run(tmp_path: Path, name: str, *args: str) -> dict:
@@ -140,7 +142,7 @@ def large_jpegs(tmp_path_factory) -> Path:
 
 
 def assert_profile(doc: dict, bound: str) -> None:
-    from engine.config import parse_config, validate
+    from engine.cli import parse_config, validate
 
     assert doc["suite"] == "profile" and doc["verdict"]["bound"] == bound, doc["verdict"]
     assert {"evidence", "advice", "e2e_over_step", "cores_needed", "cores"} <= set(doc["verdict"])
@@ -173,6 +175,24 @@ def test_profile_says_step_bound_under_a_heavy_model(tmp_path):
 
 
 def test_chart_reads_every_committed_result(tmp_path):
-    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
-    assert main(["chart", str(results), "--png", str(tmp_path / "all.png")]) == 0
+    assert main(["chart", str(RESULTS), "--png", str(tmp_path / "all.png")]) == 0
     assert_valid_png(tmp_path / "all.png")
+
+
+def test_every_committed_result_reads_into_records_and_back():
+    """A Record holds every field of every committed result, a suite's own included: rewriting one loses nothing
+    (the oldest lack only `stages`, which a Record always writes)."""
+    for path in sorted(RESULTS.rglob("*.json")):
+        doc = json.loads(path.read_text())
+        for result, read in zip(doc["results"], record.from_document(doc), strict=True):
+            assert read.to_json() == {"stages": {}, **result}, path
+
+
+def test_design_studies_are_no_suites_and_take_a_suites_flags():
+    from benchmarks.core import options
+    from benchmarks.studies import augment
+    from benchmarks.suites import SUITES
+
+    assert not {"augment", "ffcv-cost"} & set(SUITES)
+    opts, cfg = options.parse(["--batch-size", "8", "--repeats", "2"], augment)
+    assert opts.suite == "augment" and opts.repeats == 2 and cfg.optim.batch_size == 8

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import requires_cuda
-from engine.config import ConfigError, OptimConfig, parse_config, validate
+from engine.config import ConfigError, OptimConfig
+from engine.cli import parse_config, validate
 from engine.cuda_graph import GraphedStep
 from engine.optim import build_optimizer, set_learning_rate
 from engine.step import MocoStep

@@ -13,7 +13,7 @@ import psutil
 import pytest
 import torch
 
-from engine.checkpoint import load_checkpoint
+from model.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,10 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-import engine.checkpoint
+import model.checkpoint
 from conftest import fashion_mnist_subset
-from engine.checkpoint import CheckpointError, CheckpointWriter, load_checkpoint, save_checkpoint, with_prefix
-from engine.config import parse_config, to_dict
+from engine.checkpoint import CheckpointWriter
+from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, with_prefix
+from engine.config import to_dict
+from engine.cli import parse_config
 from evaluation import export, lincls
 from model.moco import MoCo
 from model.resnet import build_encoder
@@ -252,7 +254,7 @@ def test_torchs_unexpected_pos_error_is_read_as_a_full_disk(tmp_path, monkeypatc
     (tmp_path / "probe").unlink()
     last = tmp_path / "checkpoint_last.pth.tar"
     save_checkpoint(dict(STATE, epoch=0), last)
-    monkeypatch.setattr(engine.checkpoint, "open", FillsUp, raising=False)
+    monkeypatch.setattr(model.checkpoint, "open", FillsUp, raising=False)
     writer = CheckpointWriter()
     writer.submit(STATE, last, tmp_path / "checkpoint_0001.pth.tar")
     with pytest.raises(CheckpointError) as error:

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import train
-from engine.checkpoint import load_checkpoint
-from engine.config import parse_config
+from model.checkpoint import load_checkpoint
+from engine.cli import parse_config
 from engine.trainer import Interrupted, Trainer, TrainingDiverged
 
 ROOT = Path(__file__).resolve().parents[1]

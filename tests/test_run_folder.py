@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from engine.checkpoint import load_checkpoint
+from model.checkpoint import load_checkpoint
 import train
 from test_resume import error_line, quick_run, run_args, stop_at, train_rows
 

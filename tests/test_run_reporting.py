@@ -7,7 +7,7 @@ import time
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from engine.config import parse_config
+from engine.cli import parse_config
 from engine.trainer import Trainer
 
 QUICK = ["--epochs", "2", "--max-steps", "6", "--batch-size", "16", "--moco-k", "64", "--image-size", "16",

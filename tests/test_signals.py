@@ -11,9 +11,9 @@ from pathlib import Path
 
 import psutil
 
-import engine.trainer
+import engine.checkpoint
 import train
-from engine.checkpoint import load_checkpoint
+from model.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--batch-size", "32", "--moco-k", "128", "--image-size", "16", "--print-freq", "1",
@@ -57,7 +57,7 @@ def test_ctrl_c_during_the_init_knn_pass_is_acknowledged_at_once_and_trains_no_s
 def test_a_second_sigterm_while_the_epoch_checkpoint_is_prepared_keeps_it(tmp_path, monkeypatch, capsys):
     """Both signals land while the epoch's checkpoint is copied to host memory: the second one waits until the
     checkpoint is handed to the writer, the write is finished, and the line names it."""
-    copy_to_host = engine.trainer.to_host
+    copy_to_host = engine.checkpoint.to_host
     sent = []
 
     def signalled_twice(obj):
@@ -67,7 +67,7 @@ def test_a_second_sigterm_while_the_epoch_checkpoint_is_prepared_keeps_it(tmp_pa
             os.kill(os.getpid(), signal.SIGTERM)
         return copy_to_host(obj)
 
-    monkeypatch.setattr(engine.trainer, "to_host", signalled_twice)
+    monkeypatch.setattr(engine.checkpoint, "to_host", signalled_twice)
     assert train.main([*SMALL, "--max-steps", "3", "--epochs", "5", "--workers", "0", "--knn-every", "0",
                        "--out", str(tmp_path)]) == 130
     last = tmp_path / "checkpoint_last.pth.tar"

@@ -10,8 +10,9 @@ import train
 from benchmarks.__main__ import main as benchmark_main
 from benchmarks.core.diagnostics import HostReads
 from benchmarks.core.options import parse as parse_benchmark
-from engine.checkpoint import load_checkpoint
-from engine.config import OptimConfig, StepConfig, parse_config
+from model.checkpoint import load_checkpoint
+from engine.config import OptimConfig, StepConfig
+from engine.cli import parse_config
 from engine.trainer import Trainer
 
 VARIANT_FLAGS = [("--" + f.name.replace("_", "-"), f.name) for f in dataclasses.fields(StepConfig)] + [

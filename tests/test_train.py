@@ -12,8 +12,9 @@ import pytest
 import torch
 
 import train
-from engine.checkpoint import load_checkpoint, query_encoder_state
-from engine.config import ConfigError, build_parser, parse_config, to_dict, validate
+from model.checkpoint import load_checkpoint, query_encoder_state
+from engine.config import ConfigError, to_dict
+from engine.cli import build_parser, parse_config, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--epochs", "2", "--max-steps", "3", "--batch-size", "32", "--moco-k", "128", "--image-size", "16",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import platform
 import resource
 from contextlib import contextmanager
@@ -18,7 +19,12 @@ OPTIONAL_LIBRARIES = ("nvidia-dali-cuda130", "nvidia-dali-cuda120", "ffcv", "mat
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{cpu_model()} ({psutil.cpu_count()} logical cores)"
+    return f"{cpu_model()} ({cores()} logical cores)"
+
+
+def cores() -> int:
+    """The logical cores this process may run on: what a run here can use, whatever the machine has."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def cpu_model() -> str:
@@ -49,29 +55,24 @@ def cpu_seconds() -> float:
     getrusage(RUSAGE_CHILDREN) only counts children that have exited, and DataLoader workers live as long as
     the loader, so live children are read one by one (at the kernel's clock-tick resolution).
     """
-    total = sum(_user_plus_system(resource.getrusage(who)) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
-    for child in psutil.Process().children(recursive=True):
-        try:
-            times = child.cpu_times()
-        except psutil.NoSuchProcess:
-            continue
-        total += times.user + times.system
-    return total
-
-
-def _user_plus_system(usage) -> float:
-    return usage.ru_utime + usage.ru_stime
+    usages = (resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    return sum(u.ru_utime + u.ru_stime for u in usages) + over_live_children(lambda c: sum(c.cpu_times()[:2]))
 
 
 def children_rss_mb() -> float:
     """Resident memory of the live children (loader workers) now; pages they share with us count again."""
-    total = 0
+    return over_live_children(lambda child: child.memory_info().rss) / 2**20
+
+
+def over_live_children(read) -> float:
+    """The sum of `read(child)` over this process's live children, those that exit meanwhile left out."""
+    total = 0.0
     for child in psutil.Process().children(recursive=True):
         try:
-            total += child.memory_info().rss
+            total += read(child)
         except psutil.NoSuchProcess:
             continue
-    return total / 2**20
+    return total
 
 
 def reset_device_peak(device: torch.device) -> None:

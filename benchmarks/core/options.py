@@ -2,7 +2,7 @@
 
 Taking train.py's flags (and presets) as they are means a benchmark measures exactly the run that the same
 flags would train: `--preset imagenet` gives the paper's ResNet-50 recipe, the default the 2-core CPU one.
-Suites add flags of their own (`add_flags`); `chart` takes result files.
+Suites and studies add flags of their own (`add_flags`); `chart` takes result files.
 """
 
 from __future__ import annotations
@@ -11,10 +11,12 @@ import argparse
 import dataclasses
 import importlib
 from pathlib import Path
+from types import ModuleType
 
 from benchmarks.suites import SUITES
-from engine.config import ConfigError, TrainConfig, parse_config
-from engine.config import build_parser as build_train_parser
+from engine.config import ConfigError, TrainConfig
+from engine.cli import parse_config
+from engine.cli import build_parser as build_train_parser
 from pipeline.common import default_workers
 
 CHART_HELP = "a PNG from any JSON results: stacked stage breakdowns and images/s per run"
@@ -80,6 +82,18 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def study_parser(study: ModuleType) -> argparse.ArgumentParser:
+    """A study's own command line, `python -m benchmarks.studies.NAME [flags]`: a suite's, with no suite to name."""
+    parser = argparse.ArgumentParser(prog=f"python -m {study.__spec__.name}", description=study.__doc__,
+                                     epilog=TRAIN_FLAGS_NOTE, allow_abbrev=False,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_measurement_flags(parser)
+    if hasattr(study, "add_flags"):
+        study.add_flags(parser)
+    parser.set_defaults(suite=study.SUITE)
+    return parser
+
+
 def check_writable(path: Path | None, flag: str) -> None:
     """An output path that cannot be written fails now, not after the whole measurement."""
     if path is None:
@@ -99,9 +113,10 @@ def check_writable(path: Path | None, flag: str) -> None:
         raise ConfigError(f"{flag} {path} cannot be written: {e.strerror}") from None
 
 
-def parse(argv: list[str]) -> tuple[argparse.Namespace, TrainConfig | None]:
-    """The benchmark flags, and the TrainConfig that the remaining (train.py) flags give; None for `chart`."""
-    parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
+def parse(argv: list[str], study: ModuleType | None = None) -> tuple[argparse.Namespace, TrainConfig | None]:
+    """The benchmark (or `study`'s) flags, and the TrainConfig that the remaining (train.py) flags give; None for
+    `chart`."""
+    parser = study_parser(study) if study else build_parser(next((a for a in argv if not a.startswith("-")), None))
     opts, train_argv = parser.parse_known_args(argv)
     check_writable(getattr(opts, "json", None), "--json")
     check_writable(opts.png, "--png")

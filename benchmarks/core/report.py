@@ -1,68 +1,23 @@
-"""Results out: one JSON document per run, and rich tables in the terminal.
-
-A document is the header (suite, device, versions, config, command), then the first result's fields at the
-top level (the usual single-backend case reads as `doc["images_per_s"]`), then `results`: every backend's
-result, each with its own `backend`, `images_per_s`, `cpu_s_per_image`, `stages` (name -> ms per step).
-A result may say what it ran (`settings`) where train.py's model, batch and workers are not it, and which of its
-`stage_groups` hold alternatives (`alternative_groups`: one thing under different conditions, shown as ratios to
-the group's first stage, since a share of their sum means nothing).
-"""
+"""Results in the terminal: a rich table per Record, and one row per run when result files are compared."""
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
-from pathlib import Path
-
-import torch
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.core import host
-from engine.config import TrainConfig
-from engine.distributed import Runtime
-
-HEADER_FIELDS = ("suite", "device", "versions", "config", "command")
+from benchmarks.core.record import Record
 
 
-def header(suite: str, runtime: Runtime, cfg: TrainConfig, precision: str, opts: argparse.Namespace,
-           command: list[str]) -> dict:
-    config = {**dataclasses.asdict(cfg.data), **dataclasses.asdict(cfg.model), **dataclasses.asdict(cfg.optim),
-              **dataclasses.asdict(cfg.step)}
-    for key in ("loader", "knn_data"):  # the backend is per result; benchmarks run no kNN monitor
-        config.pop(key)
-    config.update(precision=precision, seed=cfg.run.seed, world_size=runtime.world_size, steps=opts.steps,
-                  warmup=opts.warmup, repeats=opts.repeats, threads=torch.get_num_threads())
-    return {"suite": suite, "device": host.device_name(runtime.device), "versions": host.versions(),
-            "config": config, "command": command}
-
-
-def document(head: dict, results: list[dict]) -> dict:
-    return {**head, **results[0], "results": results}
-
-
-def write_json(path: Path, doc: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=2) + "\n")
-
-
-def records(doc: dict) -> list[dict]:
-    """Every result of a document, each with the document's header: what charts and comparisons work on."""
-    head = {key: doc[key] for key in HEADER_FIELDS}
-    return [{**head, **result} for result in doc["results"]]
-
-
-def label(record: dict) -> str:
+def label(record: Record) -> str:
     """A short name for a run: suite, backend, size, precision, and where it departs from train.py's settings."""
-    c = record["config"]
+    c = record.config
     departures = (("no-channels-last", not c.get("channels_last", True)), ("compile", c.get("compile", False)),
                   ("foreach-sgd", not c.get("fused_sgd", True)), ("cudnn-benchmark", c.get("cudnn_benchmark", False)),
                   ("cuda-graphs", c.get("cuda_graphs", False)),
                   # results written before the fused loss existed used the concatenated logits
-                  ("concat-logits-loss", record["suite"] == "step" and not c.get("fused_loss", False)))
-    model = f" {c['arch']}" if record["suite"] in ("step", "e2e", "stages", "train", "checkpoint") else ""
-    return " ".join([f"{record['suite']}:{record['backend']}{model} b{c['batch_size']} {c['image_size']}px",
+                  ("concat-logits-loss", record.suite == "step" and not c.get("fused_loss", False)))
+    model = f" {c['arch']}" if record.suite in ("step", "e2e", "stages", "train", "checkpoint") else ""
+    return " ".join([f"{record.suite}:{record.backend}{model} b{c['batch_size']} {c['image_size']}px",
                      c["precision"], *(name for name, departs in departures if departs)])
 
 
@@ -71,69 +26,67 @@ def plural(count: int, noun: str) -> str:
     return f"{count} {noun}" + "s" * (count != 1)
 
 
-def cpu_ms(record: dict) -> str:
-    return "n/a" if record.get("cpu_s_per_image") is None else f"{1e3 * record['cpu_s_per_image']:.3f}"
+def cpu_ms(record: Record) -> str:
+    return "n/a" if record.cpu_s_per_image is None else f"{1e3 * record.cpu_s_per_image:.3f}"
 
 
-def run_summary(record: dict) -> str:
+def run_summary(record: Record) -> str:
     """What was run: the suite's own settings where it has them, else train.py's model, batch and workers."""
-    if "settings" in record:
-        return record["settings"]
-    c = record["config"]
-    model = "" if record["suite"] == "loader" else f"{c['arch']}, K {c['moco_k']}, "
+    if record.settings:
+        return record.settings
+    c = record.config
+    model = "" if record.suite == "loader" else f"{c['arch']}, K {c['moco_k']}, "
     return (f"{model}batch {c['batch_size']}, {c['image_size']} px, {c['precision']}, "
             f"{plural(c['workers'], 'worker')}")
 
 
-def figures(record: dict) -> list[tuple[str, str]]:
-    c = record["config"]
-    rows = [("device", f"{record['device']} x{c['world_size']}"),
+def figures(record: Record) -> list[tuple[str, str]]:
+    rows = [("device", f"{record.device} x{record.config['world_size']}"),
             ("run", run_summary(record)),
-            ("images/s", f"{record['images_per_s']:,.1f}"),
+            ("images/s", f"{record.images_per_s:,.1f}"),
             ("host CPU ms per image", cpu_ms(record))]
-    for key, name in (("loader_images_per_s", "loader alone, images/s"), ("step_images_per_s", "step alone, images/s")):
-        if key in record:
-            rows.append((name, f"{record[key]:,.1f}"))
-    if "checkpoint_mb" in record:
-        rows.append(("checkpoint size", f"{record['checkpoint_mb']:,.0f} MB"))
-    if "data_wait_fraction" in record:
-        rows.append(("time blocked on the loader", f"{100 * record['data_wait_fraction']:.1f}%"))
-    if record.get("peak_host_rss_mb") is not None:
-        rows.append(("peak host RSS (main process, whole run)", f"{record['peak_host_rss_mb']:,.0f} MB"))
-    if record.get("workers_rss_mb"):
-        rows.append(("loader workers' RSS", f"{record['workers_rss_mb']:,.0f} MB"))
-    device_peak = record.get("peak_device_mb")
+    for value, name in ((record.loader_images_per_s, "loader alone, images/s"),
+                        (record.step_images_per_s, "step alone, images/s")):
+        if value is not None:
+            rows.append((name, f"{value:,.1f}"))
+    if "checkpoint_mb" in record.extra:
+        rows.append(("checkpoint size", f"{record.extra['checkpoint_mb']:,.0f} MB"))
+    if record.data_wait_fraction is not None:
+        rows.append(("time blocked on the loader", f"{100 * record.data_wait_fraction:.1f}%"))
+    if record.peak_host_rss_mb is not None:
+        rows.append(("peak host RSS (main process, whole run)", f"{record.peak_host_rss_mb:,.0f} MB"))
+    if record.workers_rss_mb:
+        rows.append(("loader workers' RSS", f"{record.workers_rss_mb:,.0f} MB"))
+    device_peak = record.peak_device_mb
     rows.append(("peak device memory", "n/a (CPU)" if device_peak is None else f"{device_peak:,.0f} MB"))
-    for peer, ratio in record.get("ratios", {}).items():
-        rows.append((f"{record['backend']} {peer}", f"{ratio:.2f}x"))
-    if "sync_check" in record:
-        rows.append(("host syncs in the step", f"{record['sync_check']['status']}: {record['sync_check']['note']}"))
+    for peer, ratio in record.extra.get("ratios", {}).items():
+        rows.append((f"{record.backend} {peer}", f"{ratio:.2f}x"))
+    if record.sync_check:
+        rows.append(("host syncs in the step", f"{record.sync_check['status']}: {record.sync_check['note']}"))
     return rows
 
 
-def print_record(record: dict, console: Console) -> None:
-    table = Table(title=f"{record['suite']} suite, {record['backend']} loader", title_justify="left")
+def print_record(record: Record, console: Console) -> None:
+    table = Table(title=f"{record.suite} suite, {record.backend} loader", title_justify="left")
     table.add_column("group")
     table.add_column("stage")
     table.add_column("ms per step", justify="right")
     table.add_column("of group", justify="right")
-    alternatives = record.get("alternative_groups", [])
-    for group, names in record.get("stage_groups", {}).items():
-        shares = ratios_to_first(record["stages"], names) if group in alternatives else shares_of_sum(
-            record["stages"], names)
+    for group, names in record.stage_groups.items():
+        shares = (ratios_to_first if group in record.alternative_groups else shares_of_sum)(record.stages, names)
         for i, name in enumerate(names):
-            table.add_row(group if i == 0 else "", name, f"{record['stages'][name]:.3f}", shares[i])
+            table.add_row(group if i == 0 else "", name, f"{record.stages[name]:.3f}", shares[i])
         table.add_section()
-    for name, ms in record.get("totals", {}).items():
+    for name, ms in record.totals.items():
         table.add_row("totals", name, f"{ms:.3f}", "")
     console.print(table)
     summary = Table(show_header=False, box=None)
     for name, value in figures(record):
         summary.add_row(name, value)
     console.print(summary)
-    if "copy_check" in record:
-        print_copies(record["copy_check"], console)
-    for note in record.get("notes", []):
+    if "copy_check" in record.extra:
+        print_copies(record.extra["copy_check"], console)
+    for note in record.notes:
         console.print(f"[dim]note: {note}[/dim]")
 
 
@@ -160,12 +113,12 @@ def print_copies(check: dict, console: Console) -> None:
     console.print(table)
 
 
-def print_comparison(rows: list[dict], console: Console) -> None:
-    devices = " / ".join(sorted({r["device"] for r in rows}))
+def print_comparison(records: list[Record], console: Console) -> None:
+    devices = " / ".join(sorted({r.device for r in records}))
     table = Table(title=f"runs compared on {devices}", title_justify="left")
     table.add_column("run")
     table.add_column("images/s", justify="right")
     table.add_column("host CPU ms/image", justify="right")
-    for r in rows:
-        table.add_row(label(r), f"{r['images_per_s']:,.1f}", cpu_ms(r))
+    for r in records:
+        table.add_row(label(r), f"{r.images_per_s:,.1f}", cpu_ms(r))
     console.print(table)

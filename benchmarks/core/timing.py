@@ -1,4 +1,5 @@
-"""Clocks that do not perturb what they time.
+"""Timers that do not perturb what they time: `timed` (and `timed_window`) for a block, StageTimer for a step's
+stages.
 
 On a GPU, stage boundaries are CUDA events: recording one costs no host sync, so an instrumented step keeps
 its asynchrony and the events are read once, after a single synchronize at the end. On the CPU every op is
@@ -18,28 +19,9 @@ import torch
 from benchmarks.core import host
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
+def synchronize(device: torch.device | None) -> None:
+    if device is not None and device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-class Clock:
-    """`mark()` is a timestamp: a recorded CUDA event on a GPU, perf_counter on the CPU."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.cuda = device.type == "cuda"
-
-    def mark(self):
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
-    def ms(self, start, end) -> float:
-        """Milliseconds between two marks; on a GPU only after `synchronize`."""
-        return start.elapsed_time(end) if self.cuda else (end - start) * 1e3
 
 
 @dataclass
@@ -49,40 +31,51 @@ class StepTiming:
 
 
 class StageTimer:
-    """The `stage` hook of MoCo and MocoStep: marks each named stage of each step, NVTX-annotated on a GPU.
+    """The `stage` hook of MoCo and MocoStep: marks each named stage of each step, NVTX-annotated on a GPU. A
+    mark is a recorded CUDA event on a GPU, perf_counter on the CPU.
 
     Use `with timer.step(): ...` around a step, then `results()` once: it synchronises and reads all marks.
     """
 
     def __init__(self, device: torch.device):
-        self.clock = Clock(device)
+        self.device, self.cuda = device, device.type == "cuda"
         self._steps: list[tuple[object, object, list]] = []
         self._current: list | None = None
 
-    @contextmanager
-    def __call__(self, name: str):
-        with nvtx_range(name, self.clock.cuda):
-            start = self.clock.mark()
-            yield
-            self._current.append((name, start, self.clock.mark()))
+    def _mark(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def _ms(self, start, end) -> float:
+        return start.elapsed_time(end) if self.cuda else (end - start) * 1e3
 
     @contextmanager
-    def step(self):
-        self._current = []
-        with nvtx_range("step", self.clock.cuda):
-            start = self.clock.mark()
+    def __call__(self, name: str):
+        with nvtx_range(name, self.cuda):
+            start = self._mark()
             yield
-            self._steps.append((start, self.clock.mark(), self._current))
+            self._current.append((name, start, self._mark()))
+
+    @contextmanager
+    def step(self, name: str = "step"):
+        self._current = []
+        with nvtx_range(name, self.cuda):
+            start = self._mark()
+            yield
+            self._steps.append((start, self._mark(), self._current))
         self._current = None
 
     def results(self) -> list[StepTiming]:
-        synchronize(self.clock.device)
+        synchronize(self.device)
         timings = []
         for start, end, marks in self._steps:
             stages: dict[str, float] = {}
             for name, s, e in marks:
-                stages[name] = stages.get(name, 0.0) + self.clock.ms(s, e)
-            timings.append(StepTiming(self.clock.ms(start, end), stages))
+                stages[name] = stages.get(name, 0.0) + self._ms(s, e)
+            timings.append(StepTiming(self._ms(start, end), stages))
         self._steps = []
         return timings
 
@@ -101,21 +94,39 @@ def nvtx_range(name: str, enabled: bool):
 
 @dataclass
 class Window:
-    """One timed run of `iterations` calls: wall seconds (device work included) and host CPU seconds."""
+    """One timed run of `iterations` calls: wall seconds (device work included) and, where asked for, host CPU
+    seconds (this process's and its children's)."""
 
     iterations: int
-    seconds: float
-    cpu_seconds: float
+    seconds: float = 0.0
+    cpu_seconds: float | None = None
+
+    @property
+    def ms(self) -> float:
+        """ms per iteration."""
+        return 1e3 * self.seconds / self.iterations
+
+
+@contextmanager
+def timed(device: torch.device | None = None, iterations: int = 1, cpu: bool = False):
+    """The one timer: the block as a Window, the device synchronised at both ends. Host CPU time is read only
+    with `cpu`: reading the loader workers' costs a few ms of this process's own."""
+    window = Window(iterations)
+    synchronize(device)
+    cpu0, t0 = host.cpu_seconds() if cpu else None, time.perf_counter()
+    yield window
+    synchronize(device)
+    window.seconds = time.perf_counter() - t0
+    if cpu:
+        window.cpu_seconds = host.cpu_seconds() - cpu0
 
 
 def timed_window(device: torch.device, iteration, iterations: int) -> Window:
-    """Calls `iteration()` `iterations` times with no sync in between, and one at the end."""
-    synchronize(device)
-    cpu0, t0 = host.cpu_seconds(), time.perf_counter()
-    for _ in range(iterations):
-        iteration()
-    synchronize(device)
-    return Window(iterations, time.perf_counter() - t0, host.cpu_seconds() - cpu0)
+    """Calls `iteration()` `iterations` times with no sync in between, and one at the end; CPU time included."""
+    with timed(device, iterations, cpu=True) as window:
+        for _ in range(iterations):
+            iteration()
+    return window
 
 
 def typical_steps(timings: list[StepTiming]) -> list[StepTiming]:
@@ -139,7 +150,7 @@ def images_per_s(windows: list[Window], images_per_iteration: int) -> float:
 
 
 def ms_per_iteration(windows: list[Window]) -> float:
-    return statistics.median(1e3 * w.seconds / w.iterations for w in windows)
+    return statistics.median(w.ms for w in windows)
 
 
 def cpu_s_per_image(windows: list[Window], images_per_iteration: int) -> float:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import statistics
-import time
 
 import torch
 
@@ -35,21 +34,16 @@ def measure(cfg: TrainConfig, runtime: Runtime, precision: str, sample: int) -> 
     batch = workload.per_rank_batch(cfg, runtime)
     torch.manual_seed(cfg.run.seed)
     with host.torch_threads(1):  # as in a DataLoader worker
-        start = time.perf_counter()
-        images = [dataset.load(i) for i in indices]
-        decoded = time.perf_counter()
-        views = [(transform(img), transform(img)) for img in images]
-        augmented = time.perf_counter()
-        im_q, im_k = (torch.stack([pair[v] for pair in views]) for v in (0, 1))
-        collated = time.perf_counter()
-    per_image = 1e3 * batch / len(indices)
-    return {
-        "read_decode": (decoded - start) * per_image,
-        "augment": (augmented - decoded) * per_image,
-        "collate": (collated - augmented) * per_image,
-        "h2d": h2d_ms(im_q, im_k, batch,
-                      DeviceNormalize(recipe.mean, recipe.std, runtime.device, workload.input_dtype(precision))),
-    }
+        with timing.timed() as read_decode:
+            images = [dataset.load(i) for i in indices]
+        with timing.timed() as augment:
+            views = [(transform(img), transform(img)) for img in images]
+        with timing.timed() as collate:
+            im_q, im_k = (torch.stack([pair[v] for pair in views]) for v in (0, 1))
+    per_batch = batch / len(indices)
+    normalize = DeviceNormalize(recipe.mean, recipe.std, runtime.device, workload.input_dtype(precision))
+    return {"read_decode": read_decode.ms * per_batch, "augment": augment.ms * per_batch,
+            "collate": collate.ms * per_batch, "h2d": h2d_ms(im_q, im_k, batch, normalize)}
 
 
 def h2d_ms(im_q: torch.Tensor, im_k: torch.Tensor, batch: int, normalize: DeviceNormalize) -> float:
@@ -59,11 +53,5 @@ def h2d_ms(im_q: torch.Tensor, im_k: torch.Tensor, batch: int, normalize: Device
     im_q, im_k = (x.repeat(math.ceil(batch / len(x)), 1, 1, 1)[:batch] for x in (im_q, im_k))
     if device.type == "cuda":
         im_q, im_k = im_q.pin_memory(), im_k.pin_memory()
-    times = []
-    for _ in range(5):
-        timing.synchronize(device)
-        start = time.perf_counter()
-        normalize(im_q), normalize(im_k)
-        timing.synchronize(device)
-        times.append(1e3 * (time.perf_counter() - start))
-    return statistics.median(times)
+    return statistics.median(timing.timed_window(device, lambda: (normalize(im_q), normalize(im_k)), 1).ms
+                             for _ in range(5))

@@ -10,13 +10,15 @@ import dataclasses
 import torch
 
 from benchmarks.core import timing
-from engine.config import TrainConfig, loader_options, validate
+from benchmarks.core.record import Record, peak_memory
+from engine.config import TrainConfig
+from engine.cli import loader_options, validate
 from engine.distributed import Runtime
 from engine.optim import build_optimizer
-from engine.scalars import peak_device_mb, peak_host_rss_mb
 from engine.step import AMP_DTYPES
-from engine.trainer import Trainer, build_model, build_step, progress_bar
-from pipeline import build_loader
+from engine.builders import build_model, build_step, build_train_loader
+from engine.reporting import progress_bar
+from engine.trainer import Trainer
 
 
 def for_backend(cfg: TrainConfig, backend: str, runtime: Runtime) -> TrainConfig:
@@ -37,11 +39,7 @@ def per_rank_batch(cfg: TrainConfig, runtime: Runtime) -> int:
 
 def loader(cfg: TrainConfig, runtime: Runtime, precision: str, batches: int):
     """train.py's loader for `cfg.data.loader`; a synthetic one is made `batches` long."""
-    options = ({"steps": batches} if cfg.data.loader == "synthetic" else {"num_workers": cfg.data.workers,
-                                                                        **loader_options(cfg)})
-    return build_loader(cfg.data.loader, cfg.data.data, batch_size=per_rank_batch(cfg, runtime),
-                        image_size=cfg.data.image_size, device=runtime.device, aug=cfg.data.aug, rank=runtime.rank,
-                        world_size=runtime.world_size, seed=cfg.run.seed, dtype=input_dtype(precision), **options)
+    return build_train_loader(cfg, runtime, input_dtype(precision), loader_options(cfg), synthetic_steps=batches)
 
 
 def endless(loader):
@@ -66,17 +64,13 @@ def benchmark_trainer(cfg: TrainConfig, out: str, batches: int) -> Trainer:
                               max_steps=batches if cfg.data.loader == "synthetic" else None)
     trainer = Trainer(dataclasses.replace(cfg, run=run))
     trainer.build()
-    trainer.progress = progress_bar(False)
+    trainer.report.progress = progress_bar(False)
     return trainer
 
 
-def throughput_record(backend: str, windows: list, cfg: TrainConfig, runtime: Runtime, workers_rss_mb: float) -> dict:
+def throughput_record(backend: str, windows: list[timing.Window], cfg: TrainConfig, runtime: Runtime,
+                      **fields) -> Record:
     """The figures every throughput suite reports for a backend: images/s, host CPU per image, memory."""
-    return {
-        "backend": backend,
-        "images_per_s": timing.images_per_s(windows, cfg.optim.batch_size),
-        "cpu_s_per_image": timing.cpu_s_per_image(windows, per_rank_batch(cfg, runtime)),
-        "peak_host_rss_mb": peak_host_rss_mb(),
-        "workers_rss_mb": workers_rss_mb,
-        "peak_device_mb": peak_device_mb(runtime.device),
-    }
+    return Record(backend, timing.images_per_s(windows, cfg.optim.batch_size),
+                  timing.cpu_s_per_image(windows, per_rank_batch(cfg, runtime)), **peak_memory(runtime.device),
+                  **fields)

@@ -1,5 +1,5 @@
 """The suites: name -> (module, what it measures). Each module has `run(cfg, runtime, precision, opts)` returning
-result records, and may have `add_flags(parser)` for flags of its own."""
+Records, and may have `add_flags(parser)` for flags of its own. Design studies are not here: benchmarks/studies/."""
 
 SUITES = {
     "loader": ("benchmarks.suites.loader",
@@ -15,9 +15,6 @@ SUITES = {
                                                    "background write, slower steps"),
     "train": ("benchmarks.suites.train", "a whole training run as train.py runs it: images/s, data wait, loss and "
                                          "kNN per epoch, optionally the linear probe"),
-    "ffcv-cost": ("benchmarks.suites.ffcv_cost", "host CPU per image of FFCV's decode and crop against the torch "
-                                                 "loader's, over .beton variants"),
     "peers": ("benchmarks.suites.peers", "our step beside the official MoCo step and lightly's MoCo v2, same model, "
                                          "batch, K and threads, interleaved: images/s and ratios"),
-    "augment": ("benchmarks.suites.augment", "the batched GPU augmentation against kornia's (needs kornia)"),
 }

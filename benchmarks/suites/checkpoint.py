@@ -8,15 +8,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 
-from benchmarks.core import host, report, timing, workload
+from benchmarks.core import report, timing, workload
+from benchmarks.core.record import Record, peak_memory
 from engine.config import TrainConfig
 from engine.distributed import Runtime
-from engine.scalars import peak_device_mb, peak_host_rss_mb
 
 
-def measure(cfg: TrainConfig, runtime: Runtime, precision: str, opts: argparse.Namespace) -> dict:
+def measure(cfg: TrainConfig, runtime: Runtime, precision: str, opts: argparse.Namespace) -> Record:
     cfg = workload.for_backend(cfg, "synthetic", runtime)
     device = runtime.device
     with tempfile.TemporaryDirectory() as out:
@@ -25,10 +24,9 @@ def measure(cfg: TrainConfig, runtime: Runtime, precision: str, opts: argparse.N
             batches = workload.endless(trainer.loader)
 
             def step_ms() -> float:
-                start = time.perf_counter()
-                trainer.train_step(*next(batches)[:2])
-                timing.synchronize(device)
-                return 1e3 * (time.perf_counter() - start)
+                with timing.timed(device) as step:
+                    trainer.train_step(*next(batches)[:2])
+                return step.ms
 
             for _ in range(opts.warmup):
                 step_ms()
@@ -36,38 +34,35 @@ def measure(cfg: TrainConfig, runtime: Runtime, precision: str, opts: argparse.N
             trainer.steps, trainer.loss_sum = opts.steps, next(batches)[0].new_zeros(())
             alone, during, pauses, writes, sizes, cpu_s = [], [], [], [], [], 0.0
             for _ in range(opts.repeats):
-                cpu_start = host.cpu_seconds()
-                alone += [step_ms() for _ in range(opts.steps)]
-                cpu_s += host.cpu_seconds() - cpu_start
-                start = time.perf_counter()
-                trainer.save()
-                pauses.append(1e3 * (time.perf_counter() - start))
-                writing = trainer.writer.thread
-                while writing.is_alive():
-                    during.append(step_ms())
-                writes.append(1e3 * (time.perf_counter() - start))
-                trainer.writer.wait()
+                with timing.timed(cpu=True) as steps:
+                    alone += [step_ms() for _ in range(opts.steps)]
+                cpu_s += steps.cpu_seconds
+                with timing.timed() as write:
+                    with timing.timed() as pause:
+                        trainer.save()
+                    while trainer.checkpoints.writer.thread.is_alive():
+                        during.append(step_ms())
+                pauses.append(pause.ms)
+                writes.append(write.ms)
+                trainer.checkpoints.writer.wait()
                 sizes.append(trainer.run_dir.last_checkpoint.stat().st_size / 2**20)
         finally:
             trainer.close()
     alone_ms = statistics.median(alone)
     during_ms = statistics.median(during) if during else alone_ms
-    return {
-        "backend": "synthetic",
-        "images_per_s": cfg.optim.batch_size / (alone_ms / 1e3),
-        "cpu_s_per_image": cpu_s / (len(alone) * workload.per_rank_batch(cfg, runtime)),
-        "peak_host_rss_mb": peak_host_rss_mb(),
-        "peak_device_mb": peak_device_mb(device),
-        "checkpoint_mb": statistics.median(sizes),
-        "stages": {"loop_pause": statistics.median(pauses), "background_write": statistics.median(writes),
-                   "step_alone": alone_ms, "step_during_write": during_ms},
-        "stage_groups": {"on the loop's thread": ["loop_pause"], "on the writer's thread": ["background_write"],
-                         "one step": ["step_alone", "step_during_write"]},
-        "alternative_groups": ["one step"],
-        "notes": [f"checkpoint_last of {statistics.median(sizes):,.0f} MB (model, queue, optimizer, config, RNG); "
-                  f"loop_pause copies it to host memory, background_write pickles, writes and fsyncs it",
-                  overlap_note(len(during), opts.repeats)],
-    }
+    images = len(alone) * workload.per_rank_batch(cfg, runtime)
+    return Record(
+        "synthetic", cfg.optim.batch_size / (alone_ms / 1e3), cpu_s / images,
+        {"loop_pause": statistics.median(pauses), "background_write": statistics.median(writes),
+         "step_alone": alone_ms, "step_during_write": during_ms},
+        **peak_memory(device),
+        stage_groups={"on the loop's thread": ["loop_pause"], "on the writer's thread": ["background_write"],
+                      "one step": ["step_alone", "step_during_write"]},
+        alternative_groups=["one step"],
+        notes=[f"checkpoint_last of {statistics.median(sizes):,.0f} MB (model, queue, optimizer, config, RNG); "
+               f"loop_pause copies it to host memory, background_write pickles, writes and fsyncs it",
+               overlap_note(len(during), opts.repeats)],
+        extra={"checkpoint_mb": statistics.median(sizes)})
 
 
 def overlap_note(steps_during: int, writes: int) -> str:
@@ -78,5 +73,5 @@ def overlap_note(steps_during: int, writes: int) -> str:
     return f"step_during_write: median of {report.plural(steps_during, 'step')} run {during}"
 
 
-def run(cfg: TrainConfig, runtime: Runtime, precision: str, opts: argparse.Namespace) -> list[dict]:
+def run(cfg: TrainConfig, runtime: Runtime, precision: str, opts: argparse.Namespace) -> list[Record]:
     return [measure(cfg, runtime, precision, opts)]

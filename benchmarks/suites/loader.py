@@ -9,11 +9,12 @@ from __future__ import annotations
 import argparse
 
 from benchmarks.core import diagnostics, host, timing, workload
+from benchmarks.core.record import Record
 from engine.config import TrainConfig
 from engine.distributed import Runtime
 
 
-def measure(cfg: TrainConfig, runtime: Runtime, precision: str, backend: str, opts: argparse.Namespace) -> dict:
+def measure(cfg: TrainConfig, runtime: Runtime, precision: str, backend: str, opts: argparse.Namespace) -> Record:
     cfg = workload.for_backend(cfg, backend, runtime)
     device = runtime.device
     loader = workload.loader(cfg, runtime, precision, batches=opts.warmup + opts.steps * opts.repeats)
@@ -29,16 +30,14 @@ def measure(cfg: TrainConfig, runtime: Runtime, precision: str, backend: str, op
     for _ in range(opts.repeats):
         windows.append(timing.timed_window(device, next_batch, opts.steps))
         workers_rss = max(workers_rss, host.children_rss_mb())
-    result = {
-        **workload.throughput_record(backend, windows, cfg, runtime, workers_rss),
-        "stages": {"next_batch": timing.ms_per_iteration(windows)},
-        "stage_groups": {"loader (wall)": ["next_batch"]},
-        "notes": [loader_note(backend, cfg)],
-    }
+    record = workload.throughput_record(backend, windows, cfg, runtime, workers_rss_mb=workers_rss,
+                                        stages={"next_batch": timing.ms_per_iteration(windows)},
+                                        stage_groups={"loader (wall)": ["next_batch"]},
+                                        notes=[loader_note(backend, cfg)])
     if opts.trace:
-        result["traces"] = [diagnostics.write_trace(next_batch, device, min(opts.steps, 5), opts.trace,
-                                                    f"loader_{backend}_rank{runtime.rank}")]
-    return result
+        record.traces = [diagnostics.write_trace(next_batch, device, min(opts.steps, 5), opts.trace,
+                                                 f"loader_{backend}_rank{runtime.rank}")]
+    return record
 
 
 def loader_note(backend: str, cfg: TrainConfig) -> str:
@@ -47,5 +46,5 @@ def loader_note(backend: str, cfg: TrainConfig) -> str:
     return f"{backend}: {cfg.data.workers} workers; host CPU includes the live worker processes and threads"
 
 
-def run(cfg: TrainConfig, runtime: Runtime, precision: str, opts: argparse.Namespace) -> list[dict]:
+def run(cfg: TrainConfig, runtime: Runtime, precision: str, opts: argparse.Namespace) -> list[Record]:
     return [measure(cfg, runtime, precision, backend, opts) for backend in opts.backend]

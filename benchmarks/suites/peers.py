@@ -26,9 +26,9 @@ from rich.table import Table
 from torch import nn
 
 from benchmarks.core import official_moco, report, timing, workload
+from benchmarks.core.record import Record
 from engine.config import ConfigError, TrainConfig
 from engine.distributed import Runtime
-from engine.scalars import peak_device_mb, peak_host_rss_mb
 from engine.step import AMP_DTYPES
 from model import build_encoder
 
@@ -91,7 +91,7 @@ def our_step(cfg: TrainConfig, runtime: Runtime, precision: str, shuffle: str):
     return step
 
 
-def run(cfg: TrainConfig, runtime: Runtime, precision: str, opts: argparse.Namespace) -> list[dict]:
+def run(cfg: TrainConfig, runtime: Runtime, precision: str, opts: argparse.Namespace) -> list[Record]:
     if precision == "fp16":
         raise ConfigError("the peers suite compares fp32 or bf16 steps: the peers have no GradScaler for fp16")
     if runtime.world_size > 1:
@@ -121,34 +121,26 @@ def run(cfg: TrainConfig, runtime: Runtime, precision: str, opts: argparse.Names
         for side in SIDES:
             windows[side].append(timing.timed_window(device, iterations[side], opts.steps))
     speed = {side: timing.images_per_s(windows[side], batch) for side in SIDES}
-    results = []
-    for side in SIDES:
-        ratios = {f"vs {peer}": speed[side] / speed[peer] for peer in ("official", "lightly") if peer != side}
-        results.append({
-            "backend": side,
-            "images_per_s": speed[side],
-            "cpu_s_per_image": timing.cpu_s_per_image(windows[side], batch),
-            "images_per_s_per_repeat": [w.iterations * batch / w.seconds for w in windows[side]],
-            "ratios": ratios if side.startswith("ours") else {},
-            "peak_host_rss_mb": peak_host_rss_mb(),
-            "peak_device_mb": peak_device_mb(device),
-            "stages": {"step": timing.ms_per_iteration(windows[side])},
-            "notes": ["interleaved windows: " + " ".join(SIDES)],
-        })
-    return results
+    return [workload.throughput_record(
+        side, windows[side], cfg, runtime, stages={"step": timing.ms_per_iteration(windows[side])},
+        notes=["interleaved windows: " + " ".join(SIDES)],
+        extra={"images_per_s_per_repeat": [w.iterations * batch / w.seconds for w in windows[side]],
+               "ratios": {f"vs {peer}": speed[side] / speed[peer] for peer in ("official", "lightly")
+                          if side.startswith("ours")}})
+        for side in SIDES]
 
 
-def print_records(records: list[dict], console: Console) -> None:
+def print_records(records: list[Record], console: Console) -> None:
     head = records[0]
     rows = dict(report.figures(head))
-    table = Table(title=f"peers suite: {rows['run']}, {head['config']['threads']} threads, {rows['device']}",
+    table = Table(title=f"peers suite: {rows['run']}, {head.config['threads']} threads, {rows['device']}",
                   title_justify="left")
     for column in ("side", "images/s (median)", "per repeat", "host CPU ms/image", "vs official", "vs lightly"):
         table.add_column(column, justify="left" if column == "side" else "right")
     for r in records:
-        per_repeat = " ".join(f"{v:.2f}" for v in r["images_per_s_per_repeat"])
-        table.add_row(r["backend"], f"{r['images_per_s']:.2f}", per_repeat,
-                      report.cpu_ms(r), *(f"{r['ratios'][k]:.2f}x" if k in r["ratios"] else ""
-                                          for k in ("vs official", "vs lightly")))
+        per_repeat = " ".join(f"{v:.2f}" for v in r.extra["images_per_s_per_repeat"])
+        ratios = r.extra.get("ratios", {})
+        table.add_row(r.backend, f"{r.images_per_s:.2f}", per_repeat, report.cpu_ms(r),
+                      *(f"{ratios[k]:.2f}x" if k in ratios else "" for k in ("vs official", "vs lightly")))
     console.print(table)
-    console.print(f"[dim]note: {head['notes'][0]}[/dim]")
+    console.print(f"[dim]note: {head.notes[0]}[/dim]")

@@ -30,12 +30,14 @@ import shlex
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from benchmarks.core import report
+from benchmarks.core import host, report
+from benchmarks.core.record import Record
 from benchmarks.suites import e2e, loader, step
-from engine.config import ConfigError, TrainConfig, loader_options, validate
+from engine.config import ConfigError, TrainConfig
+from engine.cli import loader_options, validate
 from engine.distributed import Runtime
 from engine.step import resolve_precision
-from engine.trainer import console
+from engine.reporting import console
 from pipeline import LOADERS
 
 # Loaders whose options the sweep varies on a GPU (their defaults first).
@@ -50,10 +52,6 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cores", type=int, default=None,
                         help="judge against this many host cores, e.g. those of the machine that will train "
                              "(default: this machine's)")
-
-
-def machine_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def worker_counts(limit: int) -> list[int]:
@@ -157,8 +155,8 @@ def warmed_up(opts: argparse.Namespace) -> argparse.Namespace:
     return argparse.Namespace(**{**vars(opts), "warmup": max(opts.warmup, MIN_WARMUP)})
 
 
-def run(cfg: TrainConfig, runtime: Runtime, precision: str, opts: argparse.Namespace) -> list[dict]:
-    cores = (opts.cores or machine_cores()) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+def run(cfg: TrainConfig, runtime: Runtime, precision: str, opts: argparse.Namespace) -> list[Record]:
+    cores = (opts.cores or host.cores()) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     counts = worker_counts(opts.max_workers or max(1, cores))
     backends = readable_loaders(cfg, opts.backend if opts.backend_given else None)
     if not backends:
@@ -183,47 +181,40 @@ def run(cfg: TrainConfig, runtime: Runtime, precision: str, opts: argparse.Names
             steps.append((flags, variant, step.measure(variant, runtime, resolve_precision(
                 variant.step.precision, runtime.device), opts)))
             advance(f"step {' '.join(flags) or 'as configured'}")
-        best_flags, best_cfg, best_step = max(steps, key=lambda s: s[2]["images_per_s"])
+        best_flags, best_cfg, best_step = max(steps, key=lambda s: s[2].images_per_s)
         sweep = []
         for backend, count, options in plan:
             count = count or max((s for s in sweep if s.backend == backend), key=lambda s: s.images_per_s).workers
             record = loader.measure(with_loader(best_cfg, backend, count, options), runtime,
                                     resolve_precision(best_cfg.step.precision, runtime.device), backend, opts)
-            sweep.append(Setting(backend, count, options, record["images_per_s"], record["cpu_s_per_image"]))
+            sweep.append(Setting(backend, count, options, record.images_per_s, record.cpu_s_per_image))
             advance(f"{backend}, {workers(count)} {' '.join(f'{k}={v}' for k, v in options.items())}")
         best = max(sweep, key=lambda s: s.images_per_s)
         chosen = with_loader(best_cfg, best.backend, best.workers, best.options)
         end_to_end = e2e.measure(chosen, runtime, resolve_precision(chosen.step.precision, runtime.device),
                                  best.backend, opts)
         advance("end to end")
-    result = verdict(best_step["images_per_s"], best_step["cpu_s_per_image"], best, end_to_end["images_per_s"],
-                     end_to_end["data_wait_fraction"], cores, counts[-1])
+    result = verdict(best_step.images_per_s, best_step.cpu_s_per_image, best, end_to_end.images_per_s,
+                     end_to_end.data_wait_fraction, cores, counts[-1])
     replaced = ("--loader", "--workers", "--loader-option", *(f for f in best_flags if f.startswith("--")))
     command = ["python", "train.py", *without_flags(opts.train_argv, replaced), *best.flags(), *best_flags]
     if runtime.is_main:
         console.print(f"[bold]verdict: {result['bound']}-bound[/bold]. {result['advice']}.")
         console.print(f"evidence: {result['evidence']}")
         console.print(f"run: {shlex.join(command)}")
-    return [{
-        "backend": best.backend,
-        "images_per_s": end_to_end["images_per_s"],
-        "cpu_s_per_image": best.cpu_s_per_image,
-        "peak_host_rss_mb": end_to_end["peak_host_rss_mb"],
-        "peak_device_mb": end_to_end["peak_device_mb"],
-        "stages": {**best_step["stages"], **end_to_end["stages"]},
-        "stage_groups": {**best_step["stage_groups"], **end_to_end["stage_groups"]},
-        "step_images_per_s": best_step["images_per_s"],
-        "loader_images_per_s": best.images_per_s,
-        "data_wait_fraction": end_to_end["data_wait_fraction"],
-        "verdict": result,
-        "recommended_command": command,
-        "step_variants": [{"flags": flags, "images_per_s": r["images_per_s"]} for flags, _, r in steps],
-        "sweep": [dataclasses.asdict(s) for s in sweep],
-        "notes": ["loaders alone are swept at the fastest step variant's input dtype; end to end is the trainer's "
-                  "loop with the fastest loader setting and step variant",
-                  f"each step variant, loader setting and end to end: {report.plural(opts.warmup, 'warm-up step')} "
-                  f"of its own before timing (--warmup, at least {MIN_WARMUP})"],
-    }]
+    return [Record(
+        best.backend, end_to_end.images_per_s, best.cpu_s_per_image, {**best_step.stages, **end_to_end.stages},
+        peak_host_rss_mb=end_to_end.peak_host_rss_mb, peak_device_mb=end_to_end.peak_device_mb,
+        stage_groups={**best_step.stage_groups, **end_to_end.stage_groups},
+        step_images_per_s=best_step.images_per_s, loader_images_per_s=best.images_per_s,
+        data_wait_fraction=end_to_end.data_wait_fraction,
+        notes=["loaders alone are swept at the fastest step variant's input dtype; end to end is the trainer's "
+               "loop with the fastest loader setting and step variant",
+               f"each step variant, loader setting and end to end: {report.plural(opts.warmup, 'warm-up step')} "
+               f"of its own before timing (--warmup, at least {MIN_WARMUP})"],
+        extra={"verdict": result, "recommended_command": command,
+               "step_variants": [{"flags": flags, "images_per_s": r.images_per_s} for flags, _, r in steps],
+               "sweep": [dataclasses.asdict(s) for s in sweep]})]
 
 
 def without_flags(argv: list[str], flags: tuple[str, ...]) -> list[str]:
@@ -235,46 +226,3 @@ def without_flags(argv: list[str], flags: tuple[str, ...]) -> list[str]:
         if not skipping:
             kept.append(arg)
     return kept
-
-
-def write_chart(records: list[dict], png) -> None:
-    """Loader scaling curves with the step's ceiling as a line, and the stage breakdown."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    record = records[0]
-    fig, (scaling, stages) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [3, 2]})
-    for backend in dict.fromkeys(s["backend"] for s in record["sweep"]):
-        points = sorted((s["workers"], s["images_per_s"]) for s in record["sweep"]
-                        if s["backend"] == backend and not s["options"])
-        scaling.plot(*zip(*points), marker="o", label=f"{backend} alone")
-        for s in record["sweep"]:
-            if s["backend"] == backend and s["options"]:
-                scaling.scatter(s["workers"], s["images_per_s"], marker="x",
-                                label=f"{backend} {' '.join(f'{k}={v}' for k, v in s['options'].items())}")
-    scaling.axhline(record["step_images_per_s"], color="black", linestyle="--", label="step alone (ceiling)")
-    scaling.axhline(record["images_per_s"], color="tab:red", linestyle=":", label="end to end")
-    scaling.set_xlabel("loader workers / threads")
-    scaling.xaxis.get_major_locator().set_params(integer=True)
-    scaling.set_ylabel("images/s")
-    scaling.set_title(f"verdict: {record['verdict']['bound']}-bound")
-    scaling.legend(fontsize=7)
-    groups = list(record["stage_groups"].items())
-    colours = iter(plt.get_cmap("tab20").colors * 2)
-    for y, (group, names) in enumerate(groups):
-        left = 0.0
-        for name in names:
-            stages.barh(y, record["stages"][name], left=left, label=name, color=next(colours))
-            left += record["stages"][name]
-    stages.set_yticks(range(len(groups)), [group for group, _ in groups])
-    stages.invert_yaxis()
-    stages.set_xlabel("ms per step")
-    stages.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    stages.set_title("where a step's time goes")
-    fig.suptitle(f"{record['device']}: {' '.join(record['recommended_command'])}", fontsize=8)
-    fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=110, bbox_inches="tight")
-    plt.close(fig)

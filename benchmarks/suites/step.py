@@ -16,10 +16,10 @@ import statistics
 import torch
 
 from benchmarks.core import diagnostics, host, timing, workload
+from benchmarks.core.record import Record
 from engine.config import TrainConfig
 from engine.cuda_graph import GraphedStep
 from engine.distributed import Runtime
-from engine.scalars import peak_device_mb, peak_host_rss_mb
 from model.distributed import concat_all_gather
 from model.moco import no_stage
 
@@ -30,7 +30,7 @@ def set_stage(moco, step, stage) -> None:
     moco.stage = step.stage = stage
 
 
-def measure(cfg: TrainConfig, runtime: Runtime, precision: str, opts: argparse.Namespace) -> dict:
+def measure(cfg: TrainConfig, runtime: Runtime, precision: str, opts: argparse.Namespace) -> Record:
     cfg = workload.for_backend(cfg, "synthetic", runtime)
     device = runtime.device
     moco, step = workload.moco_step(cfg, runtime, precision)
@@ -61,7 +61,7 @@ def measure(cfg: TrainConfig, runtime: Runtime, precision: str, opts: argparse.N
     groups = {"step": list(stages)}
     notes = []
     if runtime.world_size > 1:
-        stages["all_gathers"] = all_gathers_ms(batches[0][1], cfg.model.moco_dim, timing.Clock(device), opts.steps)
+        stages["all_gathers"] = all_gathers_ms(batches[0][1], cfg.model.moco_dim, opts.steps)
         groups[COLLECTIVES] = ["all_gathers"]
         notes.append("all_gathers: the step's three all-gathers timed alone; shuffle, unshuffle and queue_update "
                      "already include them, and backward includes DDP's gradient all-reduce")
@@ -69,53 +69,40 @@ def measure(cfg: TrainConfig, runtime: Runtime, precision: str, opts: argparse.N
         notes.append("single device: Shuffle BN is emulated (split BN), so the step has no all-gathers")
     if eager is not step:
         notes.append("cuda graphs: images/s and step_ms from graph replays; the stages from eager steps")
-    images = workload.per_rank_batch(cfg, runtime)
-    result = {
-        "backend": "synthetic",
-        "images_per_s": timing.images_per_s(windows, cfg.optim.batch_size),
-        "cpu_s_per_image": timing.cpu_s_per_image(windows, images),
-        "peak_host_rss_mb": peak_host_rss_mb(),
-        "peak_device_mb": peak_device_mb(device),
-        "stages": stages,
-        "stage_groups": groups,
-        "totals": {
-            "step_ms": timing.ms_per_iteration(windows),
-            "step_ms_instrumented": statistics.fmean(t.total_ms for t in typical),
-            "stage_sum_ms": sum(stages[name] for name in groups["step"]),
-        },
-        "notes": notes,
-    }
+    record = workload.throughput_record("synthetic", windows, cfg, runtime, stages=stages, stage_groups=groups,
+                                        totals={"step_ms": timing.ms_per_iteration(windows),
+                                                "step_ms_instrumented": statistics.fmean(t.total_ms for t in typical),
+                                                "stage_sum_ms": sum(stages[name] for name in groups["step"])},
+                                        notes=notes)
     if opts.check_syncs:
-        result["sync_check"] = diagnostics.check_no_host_syncs(one_step, device)
+        record.sync_check = diagnostics.check_no_host_syncs(one_step, device)
     if opts.check_copies:
         def install(stage):
             set_stage(moco, eager, stage)
             return lambda: set_stage(moco, eager, no_stage)
 
-        result["copy_check"] = diagnostics.count_copies(lambda: eager(*next(inputs)), install)
+        record.extra["copy_check"] = diagnostics.count_copies(lambda: eager(*next(inputs)), install)
         if cfg.step.compile:
             notes.append("copies: compiled regions run as fused kernels, whose copies are no ATen ops to count")
     if opts.trace:
         set_stage(moco, eager, torch.profiler.record_function)
-        result["traces"] = [diagnostics.write_trace(one_step, device, min(opts.steps, 5), opts.trace,
-                                                    f"step_rank{runtime.rank}")]
+        record.traces = [diagnostics.write_trace(one_step, device, min(opts.steps, 5), opts.trace,
+                                                 f"step_rank{runtime.rank}")]
         set_stage(moco, eager, no_stage)
-    return result
+    return record
 
 
-def all_gathers_ms(im_k: torch.Tensor, dim: int, clock: timing.Clock, repeats: int) -> float:
+def all_gathers_ms(im_k: torch.Tensor, dim: int, repeats: int) -> float:
     """Median ms of the step's all-gathers: the key images (shuffle), then the keys twice (unshuffle, queue)."""
     keys = torch.randn(im_k.shape[0], dim, device=im_k.device)
-    marks = []
+    timer = timing.StageTimer(im_k.device)
     for _ in range(repeats):
-        start = clock.mark()
-        concat_all_gather(im_k)
-        concat_all_gather(keys)
-        concat_all_gather(keys)
-        marks.append((start, clock.mark()))
-    timing.synchronize(clock.device)
-    return statistics.median([clock.ms(s, e) for s, e in marks])
+        with timer.step("all_gathers"):
+            concat_all_gather(im_k)
+            concat_all_gather(keys)
+            concat_all_gather(keys)
+    return statistics.median(t.total_ms for t in timer.results())
 
 
-def run(cfg: TrainConfig, runtime: Runtime, precision: str, opts: argparse.Namespace) -> list[dict]:
+def run(cfg: TrainConfig, runtime: Runtime, precision: str, opts: argparse.Namespace) -> list[Record]:
     return [measure(cfg, runtime, precision, opts)]

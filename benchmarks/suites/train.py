@@ -12,13 +12,12 @@ import dataclasses
 import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
-from benchmarks.core import host
+from benchmarks.core import timing
+from benchmarks.core.record import Record, peak_memory
 from engine.config import TrainConfig
 from engine.distributed import Runtime
-from engine.scalars import peak_device_mb, peak_host_rss_mb
 from engine.trainer import Trainer
 from evaluation import lincls
 
@@ -28,17 +27,16 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                         help="then the linear probe (python -m evaluation.lincls) on the final checkpoint")
 
 
-def run(cfg: TrainConfig, runtime: Runtime, precision: str, opts: argparse.Namespace) -> list[dict]:
+def run(cfg: TrainConfig, runtime: Runtime, precision: str, opts: argparse.Namespace) -> list[Record]:
     with tempfile.TemporaryDirectory() as out:
         run_cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, out=out, resume=None))
-        start, cpu = time.perf_counter(), host.cpu_seconds()
-        trainer = Trainer(run_cfg)
-        try:
-            trainer.build()
-            rows = trainer.run()["rows"]
-        finally:
-            trainer.close()
-        wall, cpu = time.perf_counter() - start, host.cpu_seconds() - cpu
+        with timing.timed(cpu=True) as whole:
+            trainer = Trainer(run_cfg)
+            try:
+                trainer.build()
+                rows = trainer.run()["rows"]
+            finally:
+                trainer.close()
         if not runtime.is_main:  # rank 0 reports the run
             return []
         probe = linear_probe(cfg, Path(out) / "checkpoint_last.pth.tar") if opts.linear_probe else None
@@ -47,23 +45,16 @@ def run(cfg: TrainConfig, runtime: Runtime, precision: str, opts: argparse.Names
     wait = statistics.median(r["data_wait"] for r in epochs)
     images = len(epochs) * trainer.steps * cfg.optim.batch_size
     knn = [r for r in rows if r["knn_top1"] is not None]
-    return [{
-        "backend": cfg.data.loader,
-        "images_per_s": statistics.median(r["img_per_s"] for r in epochs),
-        "cpu_s_per_image": cpu / images,
-        "peak_host_rss_mb": peak_host_rss_mb(),
-        "peak_device_mb": peak_device_mb(runtime.device),
-        "stages": {"data_wait": wait * step_ms, "step_and_loop": (1 - wait) * step_ms},
-        "stage_groups": {"one step of training (median epoch)": ["data_wait", "step_and_loop"]},
-        "data_wait_fraction": wait,
-        "metrics": rows,
-        "knn_top1": {"random_init": knn[0]["knn_top1"], "final": knn[-1]["knn_top1"]} if knn else None,
-        "linear_probe_top1": probe,
-        "wall_s": wall,
-        "notes": ["host CPU per image: the whole run (kNN monitor and checkpoints included) over the trained "
-                  "images", "kNN: weighted, k=--knn-k, T=--knn-t, --knn-train-samples bank, --knn-val-samples "
-                                 "queries"],
-    }]
+    return [Record(
+        cfg.data.loader, statistics.median(r["img_per_s"] for r in epochs), whole.cpu_seconds / images,
+        {"data_wait": wait * step_ms, "step_and_loop": (1 - wait) * step_ms}, **peak_memory(runtime.device),
+        stage_groups={"one step of training (median epoch)": ["data_wait", "step_and_loop"]},
+        data_wait_fraction=wait,
+        notes=["host CPU per image: the whole run (kNN monitor and checkpoints included) over the trained images",
+               "kNN: weighted, k=--knn-k, T=--knn-t, --knn-train-samples bank, --knn-val-samples queries"],
+        extra={"metrics": rows,
+               "knn_top1": {"random_init": knn[0]["knn_top1"], "final": knn[-1]["knn_top1"]} if knn else None,
+               "linear_probe_top1": probe, "wall_s": whole.seconds})]
 
 
 def linear_probe(cfg: TrainConfig, checkpoint: Path) -> float:

@@ -1,6 +1,6 @@
 """Host CPU-seconds per image: the FFCV loader's CPU half against the reference torch loader, same two views.
 
-    python -m benchmarks ffcv-cost [--images 2000] [--repeats 3] [--thread-counts 1 2] [--data DIR] [--json FILE]
+    python -m benchmarks.studies.ffcv_cost [--images 2000] [--repeats 3] [--thread-counts 1 2] [--json FILE]
 
 An ImageNet-like JPEG set (`benchmarks.tools.imagenet_like`, or --data) is read at 224 px, batch 64, two views
 per image; each side's cost is this process's CPU time, threads included, over an epoch, divided by its images
@@ -26,10 +26,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import statistics
+import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -38,17 +37,19 @@ from ffcv.loader import Loader, OrderOption
 from ffcv.transforms import RandomHorizontalFlip
 from PIL import Image
 
-from benchmarks.core import host, report
+from benchmarks.__main__ import main
+from benchmarks.core import host, report, timing
+from benchmarks.core.record import Record, peak_memory
 from benchmarks.tools.imagenet_like import generate
 from engine.config import TrainConfig
 from engine.distributed import Runtime
-from engine.scalars import peak_host_rss_mb
 from pipeline.augs import get_recipe
 from pipeline.ffcv_loader import (DECODES, field_values, label_pipeline, make_ffcv_loader, read_beton,
                                   resolve_order, view_pipelines)
 from pipeline.ffcv_writer import IMAGE_FIELD, LABEL_FIELD, write_beton
 from pipeline.torch_loader import build as build_torch_loader
 
+SUITE = "ffcv-cost"  # the name its results carry
 IMAGE_SIZE, BATCH_SIZE = 224, 64
 # (name, --max-resolution, --compress-probability) of the .betons measured.
 BETONS = (("ffcv 256px, 50% JPEG", 256, 0.5), ("ffcv 256px, all JPEG", 256, 1.0),
@@ -65,14 +66,12 @@ class Side:
 
 def measure_epochs(batches, epochs: int) -> tuple[list[float], list[float]]:
     """CPU seconds per image and images per second of each epoch after a warm-up one; `batches()` is one epoch."""
-    cpu_per_image, per_s = [], []
-    for epoch in range(epochs + 1):
-        cpu0, t0 = host.cpu_seconds(), time.perf_counter()
-        images = sum(len(batch[0]) for batch in batches())
-        if epoch:
-            cpu_per_image.append((host.cpu_seconds() - cpu0) / images)
-            per_s.append(images / (time.perf_counter() - t0))
-    return cpu_per_image, per_s
+    windows = []
+    for _ in range(epochs + 1):
+        with timing.timed(cpu=True) as window:
+            window.iterations = sum(len(batch[0]) for batch in batches())  # images
+        windows.append(window)
+    return [w.cpu_seconds / w.iterations for w in windows[1:]], [w.iterations / w.seconds for w in windows[1:]]
 
 
 def torch_side(name: str, data: Path, aug, stored: str, epochs: int) -> Side:
@@ -144,7 +143,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def run(cfg: TrainConfig, runtime: Runtime, precision: str, opts: argparse.Namespace) -> list[dict]:
-    thread_counts = opts.thread_counts or sorted({1, len(os.sched_getaffinity(0))})
+    thread_counts = opts.thread_counts or sorted({1, host.cores()})
     with tempfile.TemporaryDirectory(prefix="ffcv_cost_") as tmp:
         work = Path(tmp)
         data = Path(cfg.data.data) if Path(cfg.data.data).is_dir() else generate(work / "jpegs", opts.images,
@@ -153,22 +152,21 @@ def run(cfg: TrainConfig, runtime: Runtime, precision: str, opts: argparse.Names
     return records(sides, opts.repeats, thread_counts)
 
 
-def records(sides: list[Side], repeats: int, thread_counts: list[int]) -> list[dict]:
-    """One result per side; its settings are this suite's (batch, view size, stored data), not train.py's."""
-    reference = {side.name: statistics.median(side.cpu_s_per_image) for side in sides}
-    return [{
-        "backend": side.name,
-        "settings": f"batch {BATCH_SIZE}, two {IMAGE_SIZE} px views per image, from {side.stored}",
-        "images_per_s": statistics.median(side.images_per_s),
-        "cpu_s_per_image": statistics.median(side.cpu_s_per_image),
-        "peak_host_rss_mb": peak_host_rss_mb(),
-        "peak_device_mb": None,
-        "stages": {"cpu_ms_per_image": 1e3 * statistics.median(side.cpu_s_per_image)},
-        "stage_groups": {"host CPU per image, two 224 px views": ["cpu_ms_per_image"]},
-        "stored": side.stored,
-        "cpu_ms_per_image_epochs": [1e3 * c for c in side.cpu_s_per_image],
-        "fraction_of_torch_v2": statistics.median(side.cpu_s_per_image) / reference["torch v2"],
-        "fraction_of_torch_crop_flip": statistics.median(side.cpu_s_per_image) / reference["torch crop+flip"],
-        "notes": [f"median over {report.plural(repeats, 'epoch')} of process CPU seconds (all threads) / images; "
-                  f"target: ffcv <= 1/10 of torch v2", f"FFCV thread counts {thread_counts}, torch threads 1"],
-    } for side in sides]
+def records(sides: list[Side], repeats: int, thread_counts: list[int]) -> list[Record]:
+    """One result per side; its settings are this study's (batch, view size, stored data), not train.py's."""
+    cpu_s = {side.name: statistics.median(side.cpu_s_per_image) for side in sides}
+    return [Record(
+        side.name, statistics.median(side.images_per_s), cpu_s[side.name],
+        {"cpu_ms_per_image": 1e3 * cpu_s[side.name]}, **peak_memory(torch.device("cpu")),
+        stage_groups={"host CPU per image, two 224 px views": ["cpu_ms_per_image"]},
+        settings=f"batch {BATCH_SIZE}, two {IMAGE_SIZE} px views per image, from {side.stored}",
+        notes=[f"median over {report.plural(repeats, 'epoch')} of process CPU seconds (all threads) / images; "
+               f"target: ffcv <= 1/10 of torch v2", f"FFCV thread counts {thread_counts}, torch threads 1"],
+        extra={"stored": side.stored, "cpu_ms_per_image_epochs": [1e3 * c for c in side.cpu_s_per_image],
+               "fraction_of_torch_v2": cpu_s[side.name] / cpu_s["torch v2"],
+               "fraction_of_torch_crop_flip": cpu_s[side.name] / cpu_s["torch crop+flip"]})
+        for side in sides]
+
+
+if __name__ == "__main__":
+    sys.exit(main(study=sys.modules[__name__]))

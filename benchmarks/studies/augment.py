@@ -6,7 +6,7 @@ batches: ours as `TwoViewAugment`, kornia as RandomHorizontalFlip -> ColorJitter
 RandomGaussianBlur -> Normalize on the concatenated views. `--batch-size` is the images per view, `--repeats`
 the calls timed per side (interleaved, after `--warmup` each).
 
-    python -m benchmarks augment --device cpu --batch-size 64 --image-size 224 --aug v2 --repeats 10
+    python -m benchmarks.studies.augment --device cpu --batch-size 64 --image-size 224 --aug v2 --repeats 10
 """
 
 from __future__ import annotations
@@ -14,16 +14,19 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import time
+import sys
 
 import torch
 
+from benchmarks.__main__ import main
 from benchmarks.core import timing
+from benchmarks.core.record import Record, peak_memory
 from engine.config import ConfigError, TrainConfig
 from engine.distributed import Runtime
-from engine.scalars import peak_device_mb, peak_host_rss_mb
 from pipeline.augs import AugRecipe, get_recipe
 from pipeline.gpu_augment import BLUR_TRUNCATE, TwoViewAugment
+
+SUITE = "augment"  # the name its results carry
 
 
 def kornia_augment(recipe: AugRecipe, device: torch.device, dtype: torch.dtype):
@@ -49,26 +52,24 @@ def kornia_augment(recipe: AugRecipe, device: torch.device, dtype: torch.dtype):
 
 def time_interleaved(sides: dict, im_q: torch.Tensor, im_k: torch.Tensor, repeats: int,
                      warmup: int = 2) -> dict[str, list[float]]:
-    """Seconds per call of each side, device work included; sides alternate so drifting load hits both alike."""
+    """ms per call of each side, device work included; sides alternate so drifting load hits both alike."""
     for augment in sides.values():
         for _ in range(warmup):
             augment(im_q, im_k)
-    seconds: dict[str, list[float]] = {name: [] for name in sides}
+    ms: dict[str, list[float]] = {name: [] for name in sides}
     for _ in range(repeats):
         for name, augment in sides.items():
-            timing.synchronize(im_q.device)
-            start = time.perf_counter()
-            augment(im_q, im_k)
-            timing.synchronize(im_q.device)
-            seconds[name].append(time.perf_counter() - start)
-    return seconds
+            with timing.timed(im_q.device) as call:
+                augment(im_q, im_k)
+            ms[name].append(call.ms)
+    return ms
 
 
-def run(cfg: TrainConfig, runtime: Runtime, precision: str, opts: argparse.Namespace) -> list[dict]:
+def run(cfg: TrainConfig, runtime: Runtime, precision: str, opts: argparse.Namespace) -> list[Record]:
     try:
         import kornia  # noqa: F401
     except ImportError:
-        raise ConfigError("the augment suite compares against kornia, which is not installed: pip install kornia") \
+        raise ConfigError("the augment study compares against kornia, which is not installed: pip install kornia") \
             from None
     device, recipe = runtime.device, get_recipe(cfg.data.aug)
     batch, size = cfg.optim.batch_size, cfg.data.image_size
@@ -78,14 +79,15 @@ def run(cfg: TrainConfig, runtime: Runtime, precision: str, opts: argparse.Names
     sides = {"ours": TwoViewAugment(recipe, device=device), "kornia": kornia_augment(recipe, device, torch.float32)}
     records = []
     for name, samples in time_interleaved(sides, im_q, im_k, opts.repeats, opts.warmup).items():
-        seconds = statistics.median(samples)
-        records.append({
-            "backend": name, "images_per_s": 2 * batch / seconds, "cpu_s_per_image": None,
-            "peak_host_rss_mb": peak_host_rss_mb(), "peak_device_mb": peak_device_mb(device),
-            "stages": {"augment": seconds * 1e3}, "stage_groups": {"two views, one call": ["augment"]},
-            "ms_per_call_each_repeat": [round(s * 1e3, 1) for s in samples],
-            "notes": ["ours: a random op order per sample, every op run on the whole batch with identity parameters "
-                      "where skipped (no host sync); kornia: one op order per batch, each op run on the selected "
-                      "samples only (boolean indexing, a host sync per op)"],
-        })
+        ms = statistics.median(samples)
+        records.append(Record(
+            name, 2 * batch / (ms / 1e3), None, {"augment": ms}, **peak_memory(device),
+            stage_groups={"two views, one call": ["augment"]},
+            notes=["ours: a random op order per sample, every op run on the whole batch with identity parameters "
+                   "where skipped (no host sync); kornia: one op order per batch, each op run on the selected "
+                   "samples only (boolean indexing, a host sync per op)"],
+            extra={"ms_per_call_each_repeat": [round(s, 1) for s in samples]}))
     return records
+
+if __name__ == "__main__":
+    sys.exit(main(study=sys.modules[__name__]))
