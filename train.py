@@ -14,11 +14,11 @@ from __future__ import annotations
 import re
 import sys
 
-from model.checkpoint import CheckpointError
-from engine.config import ConfigError
-from engine.cli import parse_config
 from engine.checkpoint import NothingLeft
+from engine.cli import parse_config
+from engine.config import ConfigError
 from engine.trainer import Interrupted, Trainer, TrainingDiverged
+from model.checkpoint import CheckpointError
 from pipeline.errors import DataError
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingDiverged)

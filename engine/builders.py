@@ -25,8 +25,16 @@ def build_model(cfg: TrainConfig, runtime: Runtime):
     """The MoCo module and what the step calls: the module itself, or its DDP wrapper under torchrun."""
     torch.manual_seed(cfg.run.seed)
     m = cfg.model
-    moco = MoCo(functools.partial(build_encoder, m.arch), dim=m.moco_dim, K=m.moco_k, m=m.moco_m, T=m.moco_t,
-                mlp=m.mlp, shuffle=m.shuffle, bn_splits=m.bn_splits)
+    moco = MoCo(
+        functools.partial(build_encoder, m.arch),
+        dim=m.moco_dim,
+        K=m.moco_k,
+        m=m.moco_m,
+        T=m.moco_t,
+        mlp=m.mlp,
+        shuffle=m.shuffle,
+        bn_splits=m.bn_splits,
+    )
     moco = moco.to(runtime.device, memory_format=memory_format(cfg))
     if cfg.step.compile:  # in place: the state-dict keys stay those of the official layout
         moco.encoder_q.compile()
@@ -46,8 +54,9 @@ def memory_format(cfg: TrainConfig) -> torch.memory_format:
     return torch.channels_last if cfg.step.channels_last else torch.contiguous_format
 
 
-def build_step(cfg: TrainConfig, runtime: Runtime, model, optimizer, precision: str, stage=no_stage
-               ) -> MocoStep | GraphedStep:
+def build_step(
+    cfg: TrainConfig, runtime: Runtime, model, optimizer, precision: str, stage=no_stage
+) -> MocoStep | GraphedStep:
     """The step `cfg.step` describes: the one code path for train.py and every benchmark."""
     if runtime.device.type == "cuda":
         torch.backends.cudnn.benchmark = cfg.step.cudnn_benchmark
@@ -55,15 +64,29 @@ def build_step(cfg: TrainConfig, runtime: Runtime, model, optimizer, precision: 
     return GraphedStep(step) if cfg.step.cuda_graphs else step
 
 
-def build_train_loader(cfg: TrainConfig, runtime: Runtime, dtype: torch.dtype, loader_options: dict,
-                       synthetic_steps: int):
+def build_train_loader(
+    cfg: TrainConfig, runtime: Runtime, dtype: torch.dtype, loader_options: dict, synthetic_steps: int
+):
     """train.py's loader for `cfg.data.loader`, this rank's share of the batch; a synthetic one is
     `synthetic_steps` long."""
-    options = ({"steps": synthetic_steps} if cfg.data.loader == "synthetic"
-               else {"num_workers": cfg.data.workers, **loader_options})
-    return build_loader(cfg.data.loader, cfg.data.data, batch_size=cfg.optim.batch_size // runtime.world_size,
-                        image_size=cfg.data.image_size, device=runtime.device, aug=cfg.data.aug, rank=runtime.rank,
-                        world_size=runtime.world_size, seed=cfg.run.seed, dtype=dtype, **options)
+    options = (
+        {"steps": synthetic_steps}
+        if cfg.data.loader == "synthetic"
+        else {"num_workers": cfg.data.workers, **loader_options}
+    )
+    return build_loader(
+        cfg.data.loader,
+        cfg.data.data,
+        batch_size=cfg.optim.batch_size // runtime.world_size,
+        image_size=cfg.data.image_size,
+        device=runtime.device,
+        aug=cfg.data.aug,
+        rank=runtime.rank,
+        world_size=runtime.world_size,
+        seed=cfg.run.seed,
+        dtype=dtype,
+        **options,
+    )
 
 
 def build_knn_monitor(cfg: TrainConfig, runtime: Runtime, amp_dtype) -> KnnMonitor | None:
@@ -76,9 +99,16 @@ def build_knn_monitor(cfg: TrainConfig, runtime: Runtime, amp_dtype) -> KnnMonit
         if runtime.is_main:
             console.print("notice: no labelled data for the kNN monitor (give --knn-data); it is off")
         return None
-    common = dict(image_size=cfg.data.image_size, batch_size=max(256, cfg.optim.batch_size // runtime.world_size),
-                  device=runtime.device, dtype=amp_dtype or torch.float32, num_workers=cfg.data.workers, seed=r.seed,
-                  rank=runtime.rank, world_size=runtime.world_size)
+    common = dict(
+        image_size=cfg.data.image_size,
+        batch_size=max(256, cfg.optim.batch_size // runtime.world_size),
+        device=runtime.device,
+        dtype=amp_dtype or torch.float32,
+        num_workers=cfg.data.workers,
+        seed=r.seed,
+        rank=runtime.rank,
+        world_size=runtime.world_size,
+    )
     bank = build_eval_loader(data, "train", max_samples=r.knn_train_samples, **common)
     try:
         val = build_eval_loader(data, "val", max_samples=r.knn_val_samples, **common)

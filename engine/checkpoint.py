@@ -92,9 +92,14 @@ def describe(epoch: int, step: int, steps: int) -> str:
 def train_state(epoch: int, step: int, loader, loss_sum: torch.Tensor, device: torch.device) -> dict:
     """This rank's part of a checkpoint cut inside an epoch: its RNGs, its loader's position, its loss so far."""
     cuda = device.type == "cuda"
-    return dict(epoch=epoch, step=step, rng_cpu=torch.get_rng_state(),
-                rng_cuda=torch.cuda.get_rng_state(device) if cuda else None, loader=loader.state_dict(),
-                loss_sum=loss_sum)
+    return dict(
+        epoch=epoch,
+        step=step,
+        rng_cpu=torch.get_rng_state(),
+        rng_cuda=torch.cuda.get_rng_state(device) if cuda else None,
+        loader=loader.state_dict(),
+        loss_sum=loss_sum,
+    )
 
 
 def restore_train_state(state: dict, loader, device: torch.device) -> torch.Tensor:
@@ -155,12 +160,16 @@ class Checkpoints:
                 console.print(f"notice: {reason}; resuming from {path} instead")
             return path, loaded
         if passed_over:
-            raise CheckpointError(f"--resume auto: no checkpoint in {self.run_dir.path} loads ({'; '.join(passed_over)})"
-                                  f"; remove them or choose another --out")
+            raise CheckpointError(
+                f"--resume auto: no checkpoint in {self.run_dir.path} loads ({'; '.join(passed_over)})"
+                f"; remove them or choose another --out"
+            )
         left = self.run_dir.earlier_run_files()
         if left:
-            console.print(f"notice: --resume auto: {self.run_dir.path} holds no checkpoint, so the run starts afresh "
-                          f"and replaces its {' and '.join(left)}")
+            console.print(
+                f"notice: --resume auto: {self.run_dir.path} holds no checkpoint, so the run starts afresh "
+                f"and replaces its {' and '.join(left)}"
+            )
         return None, None
 
     # --- resuming ---
@@ -180,28 +189,39 @@ class Checkpoints:
                 optimizer.load_state_dict(checkpoint["optimizer"])
                 lay_out_state_like_params(optimizer)
             except (KeyError, RuntimeError, ValueError) as e:
-                raise CheckpointError(f"checkpoint {path}: its optimizer state does not fit: {first_line_of(e)}") \
-                    from None
+                raise CheckpointError(
+                    f"checkpoint {path}: its optimizer state does not fit: {first_line_of(e)}"
+                ) from None
         if scaler.is_enabled() and checkpoint.get("scaler"):
             scaler.load_state_dict(checkpoint["scaler"])  # else (fp32/bf16 or official) a fresh one
         epoch, step = int(checkpoint["epoch"]), int(checkpoint.get("step", 0))
         if epoch >= cfg.run.epochs:
-            raise NothingLeft(f"nothing left to train: {path} holds all {epoch} epochs of --epochs "
-                              f"{cfg.run.epochs} (raise --epochs to train longer)")
+            raise NothingLeft(
+                f"nothing left to train: {path} holds all {epoch} epochs of --epochs "
+                f"{cfg.run.epochs} (raise --epochs to train longer)"
+            )
         rank_state = None
         if step:
             cut = (checkpoint.get("batch_size"), checkpoint.get("world_size"))
             if cut != (cfg.optim.batch_size, runtime.world_size):
-                raise CheckpointError(f"checkpoint {path} was cut inside epoch {epoch + 1} by a run with batch "
-                                      f"{cut[0]} on {cut[1]} ranks; resume it with that --batch-size and world size, "
-                                      f"or from an epoch's checkpoint")
+                raise CheckpointError(
+                    f"checkpoint {path} was cut inside epoch {epoch + 1} by a run with batch "
+                    f"{cut[0]} on {cut[1]} ranks; resume it with that --batch-size and world size, "
+                    f"or from an epoch's checkpoint"
+                )
             rank_state = checkpoint["ranks"][runtime.rank]
-            fixed = {flag: values for flag, values in changed_settings(saved_cfg, cfg).items()
-                     if flag in FIXED_INSIDE_AN_EPOCH}
+            fixed = {
+                flag: values
+                for flag, values in changed_settings(saved_cfg, cfg).items()
+                if flag in FIXED_INSIDE_AN_EPOCH
+            }
             if fixed:
-                raise CheckpointError(f"checkpoint {path} was cut inside epoch {epoch + 1}, whose remaining images "
-                                      f"follow from its " + ", ".join(f"{flag} {was}" for flag, (was, _) in fixed.items())
-                                      + ": resume it with the same, or from an epoch's checkpoint")
+                raise CheckpointError(
+                    f"checkpoint {path} was cut inside epoch {epoch + 1}, whose remaining images "
+                    f"follow from its "
+                    + ", ".join(f"{flag} {was}" for flag, (was, _) in fixed.items())
+                    + ": resume it with the same, or from an epoch's checkpoint"
+                )
         self.last = (path, epoch, step)
         return epoch, step, rank_state
 
@@ -210,20 +230,25 @@ class Checkpoints:
         that differs from the checkpoint's run."""
         _, epoch, step = self.last
         if step and checkpoint.get("steps_per_epoch") != steps:
-            raise CheckpointError(f"checkpoint {path} was cut inside an epoch of {checkpoint.get('steps_per_epoch')} "
-                                  f"steps, but this run's epochs have {steps}: resume it with the same data, "
-                                  f"--batch-size and --max-steps, or from an epoch's checkpoint")
+            raise CheckpointError(
+                f"checkpoint {path} was cut inside an epoch of {checkpoint.get('steps_per_epoch')} "
+                f"steps, but this run's epochs have {steps}: resume it with the same data, "
+                f"--batch-size and --max-steps, or from an epoch's checkpoint"
+            )
         if self.runtime.is_main:
             changed = changed_settings(checkpoint.get("config") or {}, self.cfg)
             if changed:
-                console.print("notice: settings that differ from the checkpoint's run: "
-                              + ", ".join(f"{flag} {now} (was {was})" for flag, (was, now) in changed.items()))
+                console.print(
+                    "notice: settings that differ from the checkpoint's run: "
+                    + ", ".join(f"{flag} {now} (was {was})" for flag, (was, now) in changed.items())
+                )
             console.print(f"resumed from {path} at epoch {epoch}" + (f", step {step}" if step else ""))
 
     # --- saving ---
 
-    def save(self, parts: dict, epoch: int, step: int, steps: int, rank_state: dict | None, keep: bool,
-             row: dict | None) -> None:
+    def save(
+        self, parts: dict, epoch: int, step: int, steps: int, rank_state: dict | None, keep: bool, row: dict | None
+    ) -> None:
         """checkpoint_last (and checkpoint_EPOCH when `keep`) of `parts` (model, optimizer, scaler: what has a
         state_dict) at (epoch, step), written in the background; the epoch's metrics `row` is appended once it is
         on disk, so that no row claims an epoch no checkpoint holds. Inside an epoch every rank's `rank_state`
@@ -235,15 +260,26 @@ class Checkpoints:
         if not runtime.is_main:
             self.last = where
             return
-        state = dict(epoch=epoch, step=step, arch=cfg.model.arch, config=to_dict(cfg), steps_per_epoch=steps,
-                     batch_size=cfg.optim.batch_size, world_size=runtime.world_size,
-                     **{name: part.state_dict() for name, part in parts.items()})
+        state = dict(
+            epoch=epoch,
+            step=step,
+            arch=cfg.model.arch,
+            config=to_dict(cfg),
+            steps_per_epoch=steps,
+            batch_size=cfg.optim.batch_size,
+            world_size=runtime.world_size,
+            **{name: part.state_dict() for name, part in parts.items()},
+        )
         state["state_dict"] = with_prefix(state["state_dict"])
         state = to_host(state)
         if ranks is not None:
             state["ranks"] = ranks
-        self.writer.submit(state, path, *([self.run_dir.epoch_checkpoint(epoch)] if keep else []),
-                           then=functools.partial(self.written, where, row))
+        self.writer.submit(
+            state,
+            path,
+            *([self.run_dir.epoch_checkpoint(epoch)] if keep else []),
+            then=functools.partial(self.written, where, row),
+        )
 
     def written(self, where: tuple[Path, int, int], row: dict | None) -> None:
         """On the writer's thread, once the checkpoint at `where` is on disk."""
@@ -266,10 +302,14 @@ class Checkpoints:
             failure = ""
         except CheckpointError as e:
             failure = f"; {e}"
-        lost = "" if self.last and self.last[1:] == (epoch, step) else \
-            f" (the training to {describe(epoch, step, steps)} is not kept{failure})"
+        lost = (
+            ""
+            if self.last and self.last[1:] == (epoch, step)
+            else f" (the training to {describe(epoch, step, steps)} is not kept{failure})"
+        )
         if self.last is None:
             return "interrupted before any checkpoint was written" + ("" if (epoch, step) == (0, 0) else lost)
         path, last_epoch, last_step = self.last
-        return (f"interrupted: {path} holds {describe(last_epoch, last_step, steps)}; continue with --resume {path}"
-                + lost)
+        return (
+            f"interrupted: {path} holds {describe(last_epoch, last_step, steps)}; continue with --resume {path}" + lost
+        )

@@ -25,8 +25,13 @@ from pipeline.augs import AUG_RECIPES
 def choices() -> dict[str, tuple[str, ...]]:
     """The valid values of each choice flag, read from the registries they name."""
     return {
-        "loader": tuple(LOADERS), "aug": tuple(AUG_RECIPES), "arch": tuple(ARCHS), "shuffle": ("auto", *SHUFFLE_MODES),
-        "optimizer": tuple(OPTIMIZERS), "schedule": tuple(SCHEDULES), "precision": ("auto", *AMP_DTYPES),
+        "loader": tuple(LOADERS),
+        "aug": tuple(AUG_RECIPES),
+        "arch": tuple(ARCHS),
+        "shuffle": ("auto", *SHUFFLE_MODES),
+        "optimizer": tuple(OPTIMIZERS),
+        "schedule": tuple(SCHEDULES),
+        "precision": ("auto", *AMP_DTYPES),
         "device": ("auto", "cpu", "cuda"),
     }
 
@@ -100,8 +105,10 @@ def validate(cfg: TrainConfig, world_size: int, device_type: str = "cpu") -> Non
     if per_bn < 2:  # BatchNorm's training statistics need two samples; with one it fails at the first step
         how = f" split {m.bn_splits} ways by --bn-splits" if shuffle == "split" else ""
         fix = "raise --batch-size or lower --bn-splits" if shuffle == "split" else "raise --batch-size"
-        raise ConfigError(f"--batch-size {o.batch_size} gives each BN sub-batch {per_bn} sample ({per_device} per "
-                          f"device{how}); BatchNorm needs at least 2: {fix}")
+        raise ConfigError(
+            f"--batch-size {o.batch_size} gives each BN sub-batch {per_bn} sample ({per_device} per "
+            f"device{how}); BatchNorm needs at least 2: {fix}"
+        )
     if shuffle == "ddp" and world_size == 1:
         raise ConfigError("--shuffle ddp needs several processes (torchrun); use split on one device")
     if not d.data and d.loader != "synthetic":
@@ -117,20 +124,40 @@ def validate(cfg: TrainConfig, world_size: int, device_type: str = "cpu") -> Non
 def _check_ranges(cfg: TrainConfig) -> None:
     """Each number inside the range where it means something."""
     d, m, o, r = cfg.data, cfg.model, cfg.optim, cfg.run
-    at_least_one = {"--batch-size": o.batch_size, "--epochs": r.epochs, "--moco-k": m.moco_k, "--moco-dim": m.moco_dim,
-                    "--image-size": d.image_size, "--bn-splits": m.bn_splits, "--print-freq": r.print_freq,
-                    "--save-every": r.save_every, "--knn-k": r.knn_k, "--max-steps": r.max_steps,
-                    "--knn-train-samples": r.knn_train_samples, "--knn-val-samples": r.knn_val_samples}
+    at_least_one = {
+        "--batch-size": o.batch_size,
+        "--epochs": r.epochs,
+        "--moco-k": m.moco_k,
+        "--moco-dim": m.moco_dim,
+        "--image-size": d.image_size,
+        "--bn-splits": m.bn_splits,
+        "--print-freq": r.print_freq,
+        "--save-every": r.save_every,
+        "--knn-k": r.knn_k,
+        "--max-steps": r.max_steps,
+        "--knn-train-samples": r.knn_train_samples,
+        "--knn-val-samples": r.knn_val_samples,
+    }
     for flag, value in at_least_one.items():
         if value is not None and value < 1:
             raise ConfigError(f"{flag} must be at least 1, got {value}")
-    not_negative = {"--workers": d.workers, "--wd": o.wd, "--warmup-epochs": o.warmup_epochs,
-                    "--knn-every": r.knn_every, "--checkpoint-minutes": r.checkpoint_minutes,
-                    "--checkpoint-steps": r.checkpoint_steps}
+    not_negative = {
+        "--workers": d.workers,
+        "--wd": o.wd,
+        "--warmup-epochs": o.warmup_epochs,
+        "--knn-every": r.knn_every,
+        "--checkpoint-minutes": r.checkpoint_minutes,
+        "--checkpoint-steps": r.checkpoint_steps,
+    }
     for flag, value in not_negative.items():
         if value is not None and value < 0:
             raise ConfigError(f"{flag} must not be negative, got {value}")
-    positive = {"--lr": o.lr, "--moco-t": m.moco_t, "--knn-t": r.knn_t, "--dist-timeout-minutes": r.dist_timeout_minutes}
+    positive = {
+        "--lr": o.lr,
+        "--moco-t": m.moco_t,
+        "--knn-t": r.knn_t,
+        "--dist-timeout-minutes": r.dist_timeout_minutes,
+    }
     for flag, value in positive.items():
         if not value > 0:
             raise ConfigError(f"{flag} must be positive, got {value}")
@@ -150,8 +177,10 @@ def _check_capturable(cfg: TrainConfig, world_size: int, device_type: str) -> No
     if resolve_precision(cfg.step.precision, torch.device(device_type)) == "fp16":
         raise ConfigError("--cuda-graphs needs --precision bf16 or fp32: fp16's GradScaler adjusts on the host")
     if cfg.optim.optimizer != "sgd" or not cfg.optim.fused_sgd:
-        raise ConfigError("--cuda-graphs needs --optimizer sgd with --fused-sgd: the fused kernel reads the lr from "
-                          "the device, which a graph can replay (the others read it on the host)")
+        raise ConfigError(
+            "--cuda-graphs needs --optimizer sgd with --fused-sgd: the fused kernel reads the lr from "
+            "the device, which a graph can replay (the others read it on the host)"
+        )
     if cfg.step.compile:
         raise ConfigError("--cuda-graphs and --compile: choose one (the graph already replays the whole step)")
 
@@ -182,8 +211,19 @@ def _check_loader_options(cfg: TrainConfig) -> None:
     if not options:
         return
     accepted = inspect.signature(importlib.import_module(LOADERS[cfg.data.loader]).build).parameters
-    fixed = {"data", "batch_size", "image_size", "device", "aug", "rank", "world_size", "seed", "dtype",
-             "num_workers", "steps"}  # the loader contract, --workers, --max-steps
+    fixed = {
+        "data",
+        "batch_size",
+        "image_size",
+        "device",
+        "aug",
+        "rank",
+        "world_size",
+        "seed",
+        "dtype",
+        "num_workers",
+        "steps",
+    }  # the loader contract, --workers, --max-steps
     for key in options:
         if key not in accepted or key in fixed:
             valid = ", ".join(k for k in accepted if k not in fixed)

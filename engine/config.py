@@ -29,10 +29,15 @@ class DataConfig:
     loader: str = _opt("torch", "data loader backend")
     image_size: int = _opt(28, "side of the square training views, in pixels")
     aug: str = _opt("v2", "augmentation recipe: v1 (MoCo aug), v2 (MoCo v2 aug+)")
-    workers: Optional[int] = _opt(None, "loader worker processes/threads per rank (default: this node's cores per rank - 1, at most 16)")
+    workers: Optional[int] = _opt(
+        None, "loader worker processes/threads per rank (default: this node's cores per rank - 1, at most 16)"
+    )
     knn_data: Optional[str] = _opt(None, "labelled data for the kNN monitor (default: --data unless it is a .beton)")
-    loader_option: tuple[str, ...] = _opt((), "KEY=VALUE options of the loader, e.g. decode=roi hw_decoder_load=0.75 "
-                                              "(dali), order=random decode=twice (ffcv)")
+    loader_option: tuple[str, ...] = _opt(
+        (),
+        "KEY=VALUE options of the loader, e.g. decode=roi hw_decoder_load=0.75 "
+        "(dali), order=random decode=twice (ffcv)",
+    )
 
 
 @dataclass
@@ -43,8 +48,11 @@ class ModelConfig:
     moco_m: float = _opt(0.99, "momentum of the key encoder")
     moco_t: float = _opt(0.1, "softmax temperature (paper: 0.07 for MoCo v1, 0.2 for v2)")
     mlp: bool = _opt(True, "2-layer MLP projection head (MoCo v2)")
-    shuffle: str = _opt("auto", "Shuffle BN: ddp (across processes), split (one device emulates --bn-splits GPUs), "
-                                "none; auto is ddp under torchrun, split otherwise")
+    shuffle: str = _opt(
+        "auto",
+        "Shuffle BN: ddp (across processes), split (one device emulates --bn-splits GPUs), "
+        "none; auto is ddp under torchrun, split otherwise",
+    )
     bn_splits: int = _opt(4, "BN sub-batches per device in split mode (emulated GPUs)")
 
 
@@ -78,23 +86,38 @@ class RunConfig:
     epochs: int = _opt(2, "number of pretraining epochs")
     device: str = _opt("auto", "auto, cpu, cuda")
     out: str = _opt("runs/moco", "output directory: metrics.jsonl and checkpoints")
-    resume: Optional[str] = _opt(None, "checkpoint to resume from, exactly where it was cut (mid-epoch too); 'auto': "
-                                       "OUT/checkpoint_last.pth.tar when it exists, else start fresh")
+    resume: Optional[str] = _opt(
+        None,
+        "checkpoint to resume from, exactly where it was cut (mid-epoch too); 'auto': "
+        "OUT/checkpoint_last.pth.tar when it exists, else start fresh",
+    )
     seed: int = _opt(0, "seed for initialisation, shuffles and augmentation")
     save_every: int = _opt(1, "keep checkpoint_EPOCH.pth.tar every N epochs (checkpoint_last is always written)")
-    checkpoint_minutes: float = _opt(10.0, "also write checkpoint_last mid-epoch when this many minutes have passed "
-                                           "since the last one (checked every --print-freq steps; 0: off)")
+    checkpoint_minutes: float = _opt(
+        10.0,
+        "also write checkpoint_last mid-epoch when this many minutes have passed "
+        "since the last one (checked every --print-freq steps; 0: off)",
+    )
     checkpoint_steps: int = _opt(0, "also write checkpoint_last mid-epoch every N steps (0: off)")
     dist_timeout_minutes: float = _opt(30.0, "under torchrun: how long a collective may wait for the other ranks")
     knn_every: int = _opt(1, "kNN monitor every N epochs; 0 disables it")
     knn_k: int = _opt(200, "neighbours of the weighted kNN monitor")
     knn_t: float = _opt(0.1, "temperature of the weighted kNN monitor")
-    knn_train_samples: Optional[int] = _opt(10000, "labelled images in the kNN memory bank: a fixed random subset "
-                                                   "of the train split (all of it where it is smaller)")
-    knn_val_samples: Optional[int] = _opt(2000, "labelled images the kNN monitor classifies: a fixed random subset "
-                                                "of the val split (all of it where it is smaller)")
-    print_freq: int = _opt(10, "steps between progress updates; each reads the loss back from the device and, "
-                               "under torchrun, has the ranks agree on stopping and checkpointing")
+    knn_train_samples: Optional[int] = _opt(
+        10000,
+        "labelled images in the kNN memory bank: a fixed random subset "
+        "of the train split (all of it where it is smaller)",
+    )
+    knn_val_samples: Optional[int] = _opt(
+        2000,
+        "labelled images the kNN monitor classifies: a fixed random subset "
+        "of the val split (all of it where it is smaller)",
+    )
+    print_freq: int = _opt(
+        10,
+        "steps between progress updates; each reads the loss back from the device and, "
+        "under torchrun, has the ranks agree on stopping and checkpointing",
+    )
     max_steps: Optional[int] = _opt(None, "stop each epoch after this many steps (smoke tests)")
 
 
@@ -112,10 +135,23 @@ PRESETS: dict[str, dict[str, object]] = {
     # (a smaller batch, queue and temperature than the paper's; see the README's Results).
     "fashion-cpu": {},
     "imagenet": dict(
-        data="", image_size=224, arch="resnet50", moco_k=65536, moco_m=0.999, moco_t=0.2, mlp=True,
-        bn_splits=8, lr=0.03, batch_size=256, epochs=200, knn_train_samples=20000, knn_val_samples=5000, print_freq=50,
+        data="",
+        image_size=224,
+        arch="resnet50",
+        moco_k=65536,
+        moco_m=0.999,
+        moco_t=0.2,
+        mlp=True,
+        bn_splits=8,
+        lr=0.03,
+        batch_size=256,
+        epochs=200,
+        knn_train_samples=20000,
+        knn_val_samples=5000,
+        print_freq=50,
     ),
 }
+
 
 def to_dict(cfg: TrainConfig) -> dict:
     return dataclasses.asdict(cfg)
@@ -124,6 +160,7 @@ def to_dict(cfg: TrainConfig) -> dict:
 def changed_settings(saved: dict, cfg: TrainConfig) -> dict[str, tuple]:
     """Flag -> (the saved config's value, this config's) for each setting that differs from `saved` (a checkpoint's
     `to_dict`); --resume itself, and settings the saved config predates, aside."""
+
     def plain(value):
         return tuple(value) if isinstance(value, list) else value
 

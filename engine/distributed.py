@@ -43,8 +43,9 @@ def init_runtime(device: torch.device, timeout_minutes: float = 30.0) -> Runtime
     before it fails (rank 0's checkpoint write, a straggler), set here rather than left to each backend's."""
     world_size = world_size_from_env()
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(minutes=timeout_minutes))
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=timeout_minutes)
+        )
     return Runtime(rank=int(os.environ.get("RANK", "0")), world_size=world_size, device=device)
 
 
@@ -54,10 +55,14 @@ def refuse_hanging_restarts() -> None:
     collective timeout (pytorch/pytorch#135712). No key tells the ranks of one round apart from the last one's
     (each node counts its own restarts), so a launch that would hang at its first restart is refused before it
     joins a process group."""
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS",
-                                                                                       "0")) > 0:
-        raise ConfigError("torchrun --max-restarts with its shared rendezvous store hangs the restarted ranks "
-                          "(pytorch/pytorch#135712): launch it with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1")
+    if (
+        os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
+    ):
+        raise ConfigError(
+            "torchrun --max-restarts with its shared rendezvous store hangs the restarted ranks "
+            "(pytorch/pytorch#135712): launch it with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"
+        )
 
 
 def max_over_ranks(values: torch.Tensor, runtime: Runtime) -> list:

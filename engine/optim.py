@@ -15,8 +15,9 @@ class LARS(torch.optim.Optimizer):
     momentum on biases and BN parameters. Trust ratios use torch.where, so a step never syncs with the host."""
 
     def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
-                                      trust_coefficient=trust_coefficient))
+        super().__init__(
+            params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust_coefficient=trust_coefficient)
+        )
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -67,8 +68,9 @@ def check_same_optimizer(saved: str, name: str) -> None:
     """A checkpoint's optimizer state loads only into the optimizer that wrote it: another one's (an SGD state
     resumed with LARS) would load without complaint and fail at the first step. Official checkpoints are SGD's."""
     if saved != name:
-        raise ConfigError(f"the checkpoint's optimizer state is --optimizer {saved}'s, not {name}'s; resume with "
-                          f"--optimizer {saved}")
+        raise ConfigError(
+            f"the checkpoint's optimizer state is --optimizer {saved}'s, not {name}'s; resume with --optimizer {saved}"
+        )
 
 
 def lay_out_state_like_params(optimizer: torch.optim.Optimizer) -> None:

@@ -20,9 +20,14 @@ def progress_bar(enabled: bool) -> Progress:
     """A live bar on a terminal; where stderr is a file the report writes plain lines instead (a bar would only
     be drawn once, at the end)."""
     return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]:.4f}  {task.fields[img_s]:,.0f} img/s  lr {task.fields[lr]:.4g}"),
-        TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not (enabled and console.is_terminal),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not (enabled and console.is_terminal),
     )
 
 
@@ -74,41 +79,54 @@ class Report:
             self.say(f"epoch 0 (random init): kNN top-1 {knn:.2f}%")
 
     def start_epoch(self, epoch: int, steps: int, start: int) -> None:
-        self.task = self.progress.add_task(f"epoch {epoch + 1}/{self.epochs}", total=steps, completed=start,
-                                           loss=float("nan"), img_s=0.0, lr=0.0)
+        self.task = self.progress.add_task(
+            f"epoch {epoch + 1}/{self.epochs}", total=steps, completed=start, loss=float("nan"), img_s=0.0, lr=0.0
+        )
 
-    def check_in(self, epoch: int, step: int, steps: int, global_step: int, loss: float, img_s: float,
-                 lr: float) -> None:
+    def check_in(
+        self, epoch: int, step: int, steps: int, global_step: int, loss: float, img_s: float, lr: float
+    ) -> None:
         if not self.is_main:
             return
         self.progress.update(self.task, completed=step, loss=loss, img_s=img_s, lr=lr)
         self.scalars.add(global_step, **{"train/loss": loss, "train/lr": lr, "train/img_per_s": img_s})
         if not console.is_terminal and time.monotonic() - self.last_log_line >= LOG_LINE_EVERY_S:
             self.last_log_line = time.monotonic()
-            console.print(f"epoch {epoch + 1}/{self.epochs} step {step}/{steps}: loss {loss:.4f}  {img_s:,.0f} "
-                          f"img/s  lr {lr:.4g}")
+            console.print(
+                f"epoch {epoch + 1}/{self.epochs} step {step}/{steps}: loss {loss:.4f}  {img_s:,.0f} img/s  lr {lr:.4g}"
+            )
 
     def end_epoch(self, row: dict, global_step: int, device) -> None:
         if not self.is_main:
             return
         knn, skipped = row["knn_top1"], row["skipped_steps"]
-        self.scalars.add(global_step, **{"epoch/loss": row["loss"], "epoch/knn_top1": knn,
-                                         "epoch/img_per_s": row["img_per_s"],
-                                         "epoch/data_wait_fraction": row["data_wait"], "epoch/lr": row["lr"],
-                                         "epoch/peak_device_mb": peak_device_mb(device),
-                                         "epoch/peak_host_rss_mb": peak_host_rss_mb()})
+        self.scalars.add(
+            global_step,
+            **{
+                "epoch/loss": row["loss"],
+                "epoch/knn_top1": knn,
+                "epoch/img_per_s": row["img_per_s"],
+                "epoch/data_wait_fraction": row["data_wait"],
+                "epoch/lr": row["lr"],
+                "epoch/peak_device_mb": peak_device_mb(device),
+                "epoch/peak_host_rss_mb": peak_host_rss_mb(),
+            },
+        )
         self.scalars.flush()
-        self.progress.console.print(f"epoch {row['epoch']}: loss {row['loss']:.4f}  {row['img_per_s']:,.0f} img/s  "
-                                    f"waiting for data {100 * row['data_wait']:.0f}%"
-                                    + (f"  kNN top-1 {knn:.2f}%" if knn is not None else "")
-                                    + (f"  ({skipped} steps skipped by the fp16 GradScaler: non-finite "
-                                       f"gradients)" if skipped else ""))
+        self.progress.console.print(
+            f"epoch {row['epoch']}: loss {row['loss']:.4f}  {row['img_per_s']:,.0f} img/s  "
+            f"waiting for data {100 * row['data_wait']:.0f}%"
+            + (f"  kNN top-1 {knn:.2f}%" if knn is not None else "")
+            + (f"  ({skipped} steps skipped by the fp16 GradScaler: non-finite gradients)" if skipped else "")
+        )
 
     def summary(self, rows: list[dict]) -> None:
         knn_rows = [r for r in rows if r["knn_top1"] is not None]
         if len(knn_rows) >= 2:
-            self.say(f"kNN top-1: {knn_rows[0]['knn_top1']:.2f}% at epoch {knn_rows[0]['epoch']} -> "
-                     f"{knn_rows[-1]['knn_top1']:.2f}% at epoch {knn_rows[-1]['epoch']}")
+            self.say(
+                f"kNN top-1: {knn_rows[0]['knn_top1']:.2f}% at epoch {knn_rows[0]['epoch']} -> "
+                f"{knn_rows[-1]['knn_top1']:.2f}% at epoch {knn_rows[-1]['epoch']}"
+            )
 
     def close(self) -> None:
         self.scalars.close()

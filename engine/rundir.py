@@ -57,8 +57,9 @@ class RunDir:
             self.lock_file.seek(0)
             owner = self.lock_file.read().strip() or "?"
             self.lock_file.close()
-            raise ConfigError(f"--out {self.path} is in use by another run (pid {owner}); wait for it to end or "
-                              f"choose another --out") from None
+            raise ConfigError(
+                f"--out {self.path} is in use by another run (pid {owner}); wait for it to end or choose another --out"
+            ) from None
         self.lock_file.seek(0)
         self.lock_file.truncate()
         self.lock_file.write(str(os.getpid()))
@@ -69,8 +70,10 @@ class RunDir:
         found = self.earlier_run_files()
         if found:
             shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
-            raise ConfigError(f"--out {self.path} already holds a run ({shown}); continue it with --resume auto, "
-                              f"or choose another --out")
+            raise ConfigError(
+                f"--out {self.path} already holds a run ({shown}); continue it with --resume auto, "
+                f"or choose another --out"
+            )
 
     def close(self) -> None:
         if self.lock_file is not None:

@@ -36,8 +36,11 @@ class StopSignals:
             raise KeyboardInterrupt
         if not self.requested and self.announce:
             at_once = "; a second signal stops at once" if self.second_signal_stops_at_once else ""
-            os.write(2, f"{signal.Signals(signum).name}: stopping after the current step or kNN pass, with a "
-                        f"checkpoint{at_once}\n".encode())
+            os.write(
+                2,
+                f"{signal.Signals(signum).name}: stopping after the current step or kNN pass, with a "
+                f"checkpoint{at_once}\n".encode(),
+            )
         self.requested = True
 
     @contextlib.contextmanager

@@ -35,16 +35,25 @@ class StepCounters:
         """Scalar bookkeeping on the device (a cast and a copy of one element each: the step's only copies here)."""
         bad = ~torch.isfinite(loss)
         self.nonfinite += bad.long()
-        self.first_nonfinite.copy_(torch.where(bad, torch.minimum(self.first_nonfinite, self.steps),
-                                               self.first_nonfinite))
+        self.first_nonfinite.copy_(
+            torch.where(bad, torch.minimum(self.first_nonfinite, self.steps), self.first_nonfinite)
+        )
         self.steps += 1
 
 
 class MocoStep:
     """Runs a step; under fp16 the GradScaler skips a step whose gradients are not finite, and that is counted."""
 
-    def __init__(self, model, optimizer, precision: str, device: torch.device, fused_loss: bool, stage=no_stage,
-                 memory_format=torch.channels_last):
+    def __init__(
+        self,
+        model,
+        optimizer,
+        precision: str,
+        device: torch.device,
+        fused_loss: bool,
+        stage=no_stage,
+        memory_format=torch.channels_last,
+    ):
         self.model, self.optimizer, self.device, self.stage = model, optimizer, device, stage
         self.fused_loss, self.memory_format = fused_loss, memory_format
         self.amp_dtype = AMP_DTYPES[precision]
@@ -53,10 +62,14 @@ class MocoStep:
 
     def __call__(self, im_q, im_k) -> torch.Tensor:
         # Loaders hand over channels_last views; a contiguous-format step gets them converted (a copy) here.
-        im_q, im_k = im_q.contiguous(memory_format=self.memory_format), im_k.contiguous(memory_format=self.memory_format)
+        im_q, im_k = (
+            im_q.contiguous(memory_format=self.memory_format),
+            im_k.contiguous(memory_format=self.memory_format),
+        )
         # No weight-cast cache: each weight is cast once per forward anyway, and a cache breaks CUDA graphs.
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None,
-                            cache_enabled=False):
+        with torch.autocast(
+            self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None, cache_enabled=False
+        ):
             output = self.model(im_q, im_k, fused_loss=self.fused_loss)
         with self.stage("loss"):
             loss = output if self.fused_loss else F.cross_entropy(*output)

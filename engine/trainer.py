@@ -19,11 +19,11 @@ import time
 
 import torch
 
+from engine import distributed
 from engine.builders import build_knn_monitor, build_model, build_step, build_train_loader
 from engine.checkpoint import Checkpoints, restore_train_state, train_state
-from engine.config import TrainConfig
 from engine.cli import loader_options, validate
-from engine import distributed
+from engine.config import TrainConfig
 from engine.optim import build_optimizer, learning_rate, set_learning_rate
 from engine.reporting import DataWait, Report
 from engine.rundir import RunDir
@@ -74,8 +74,9 @@ class Trainer:
         self.amp_dtype = AMP_DTYPES[self.precision]
         self.run_dir = RunDir(cfg.run.out)
         self.checkpoints = Checkpoints(cfg, self.runtime, self.run_dir)
-        self.signals = StopSignals(second_signal_stops_at_once=self.runtime.world_size == 1,
-                                   announce=self.runtime.is_main)
+        self.signals = StopSignals(
+            second_signal_stops_at_once=self.runtime.world_size == 1, announce=self.runtime.is_main
+        )
         self.report = Report(self.runtime.is_main, cfg.run.epochs)
         self.epoch, self.step = 0, 0
         self.resumed = False
@@ -91,10 +92,12 @@ class Trainer:
         self.train_step = build_step(cfg, runtime, self.model, self.optimizer, self.precision)
         if checkpoint is not None:
             self.epoch, self.step, self.rank_state = self.checkpoints.restore(
-                checkpoint, path, self.moco, self.optimizer, self.train_step.scaler)
+                checkpoint, path, self.moco, self.optimizer, self.train_step.scaler
+            )
             self.resumed = True
-        self.loader = build_train_loader(cfg, runtime, self.amp_dtype or torch.float32, loader_options(cfg),
-                                         synthetic_steps=cfg.run.max_steps or 100)
+        self.loader = build_train_loader(
+            cfg, runtime, self.amp_dtype or torch.float32, loader_options(cfg), synthetic_steps=cfg.run.max_steps or 100
+        )
         self.steps = min(len(self.loader), cfg.run.max_steps or len(self.loader))
         if checkpoint is not None:
             self.checkpoints.check_steps(checkpoint, path, self.steps)
@@ -114,9 +117,11 @@ class Trainer:
                 if not self.resumed:
                     self.evaluate_init()
                     self.stop_if_asked(save=True)  # a signal during the random init's kNN pass: no step trained
-                self.report.say(f"MoCo {cfg.model.arch} | loader {cfg.data.loader} | {runtime.device} "
-                                f"x{runtime.world_size} | {self.precision} | batch {cfg.optim.batch_size} | "
-                                f"K {cfg.model.moco_k} | {self.steps} steps/epoch")
+                self.report.say(
+                    f"MoCo {cfg.model.arch} | loader {cfg.data.loader} | {runtime.device} "
+                    f"x{runtime.world_size} | {self.precision} | batch {cfg.optim.batch_size} | "
+                    f"K {cfg.model.moco_k} | {self.steps} steps/epoch"
+                )
                 while self.epoch < cfg.run.epochs:
                     self.run_epoch()
                     self.end_epoch()
@@ -178,20 +183,31 @@ class Trainer:
         return self.cfg.run.checkpoint_steps > 0 and self.global_step % self.cfg.run.checkpoint_steps == 0
 
     def check_in_due(self) -> bool:
-        return (self.step % self.cfg.run.print_freq == 0 or self.step == self.steps or self.checkpoint_steps_due()
-                or (self.runtime.world_size == 1 and self.signals.requested))
+        return (
+            self.step % self.cfg.run.print_freq == 0
+            or self.step == self.steps
+            or self.checkpoint_steps_due()
+            or (self.runtime.world_size == 1 and self.signals.requested)
+        )
 
     def check_in(self) -> None:
         """Reads the device once: the ranks agree on stopping and checkpointing, a non-finite loss is caught
         before any checkpoint could keep it, and the progress bar moves. At the epoch's last step the epoch's
         end does the saving and stopping."""
         r, counters, writer = self.cfg.run, self.train_step.counters, self.checkpoints.writer
-        time_due = (self.runtime.is_main and r.checkpoint_minutes > 0
-                    and time.monotonic() - self.checkpoints.last_save_time >= 60 * r.checkpoint_minutes)
+        time_due = (
+            self.runtime.is_main
+            and r.checkpoint_minutes > 0
+            and time.monotonic() - self.checkpoints.last_save_time >= 60 * r.checkpoint_minutes
+        )
         diverging = not self.train_step.scaler.is_enabled()  # fp16: the GradScaler skips such steps instead
         host_flags = [self.signals.requested, time_due, self.runtime.is_main and writer.failed()]
-        flags = torch.cat([torch.tensor([int(f) for f in host_flags], device=counters.steps.device),
-                           torch.stack([counters.nonfinite * int(diverging), -counters.first_nonfinite])])
+        flags = torch.cat(
+            [
+                torch.tensor([int(f) for f in host_flags], device=counters.steps.device),
+                torch.stack([counters.nonfinite * int(diverging), -counters.first_nonfinite]),
+            ]
+        )
         stop, due, write_failed, nonfinite, first_nonfinite = distributed.max_over_ranks(flags, self.runtime)
         if nonfinite:
             self.diverged(-first_nonfinite)
@@ -211,8 +227,10 @@ class Trainer:
     def diverged(self, first_nonfinite: int) -> None:
         step = self.first_step + first_nonfinite - self.counter_at_first_step + 1
         kept = self.checkpoints.kept(self.steps)
-        raise TrainingDiverged(f"the loss became non-finite at epoch {self.epoch + 1}, step {step} (lr {self.lr:.4g}); "
-                               f"stopped without saving the diverged weights: {kept}")
+        raise TrainingDiverged(
+            f"the loss became non-finite at epoch {self.epoch + 1}, step {step} (lr {self.lr:.4g}); "
+            f"stopped without saving the diverged weights: {kept}"
+        )
 
     def end_epoch(self) -> None:
         """Mean loss over the ranks, the kNN monitor when due, a metrics row, the epoch's checkpoint; then a
@@ -222,10 +240,15 @@ class Trainer:
             torch.distributed.all_reduce(self.loss_sum)
             self.loss_sum /= runtime.world_size
         elapsed = time.perf_counter() - self.epoch_start_time
-        row = dict(epoch=self.epoch + 1, loss=float(self.loss_sum) / self.steps, knn_top1=None,
-                   img_per_s=(self.steps - self.first_step) * cfg.optim.batch_size / elapsed, lr=self.lr,
-                   skipped_steps=int(self.train_step.counters.skipped) - self.skipped_before,
-                   data_wait=self.data_wait.seconds / elapsed)
+        row = dict(
+            epoch=self.epoch + 1,
+            loss=float(self.loss_sum) / self.steps,
+            knn_top1=None,
+            img_per_s=(self.steps - self.first_step) * cfg.optim.batch_size / elapsed,
+            lr=self.lr,
+            skipped_steps=int(self.train_step.counters.skipped) - self.skipped_before,
+            data_wait=self.data_wait.seconds / elapsed,
+        )
         self.epoch, self.step = self.epoch + 1, 0
         last = self.epoch == cfg.run.epochs
         if self.knn and (self.epoch % cfg.run.knn_every == 0 or last):
@@ -252,8 +275,9 @@ class Trainer:
         parts = {"state_dict": self.moco, "optimizer": self.optimizer}
         if self.train_step.scaler.is_enabled():
             parts["scaler"] = self.train_step.scaler
-        rank_state = (train_state(self.epoch, self.step, self.loader, self.loss_sum, self.runtime.device)
-                      if self.step else None)
+        rank_state = (
+            train_state(self.epoch, self.step, self.loader, self.loss_sum, self.runtime.device) if self.step else None
+        )
         with self.signals.deferred():
             self.checkpoints.save(parts, self.epoch, self.step, self.steps, rank_state, keep, row)
 

@@ -37,22 +37,51 @@ class EvalDataset(Dataset):
 class EvalLoader:
     """Calling it gives (images, labels) batches of this rank's share of the chosen images, on the device."""
 
-    def __init__(self, dataset, transform, normalize, indices: list[int], *, rank: int, world_size: int,
-                 batch_size: int, device, num_workers: int, seed: int):
+    def __init__(
+        self,
+        dataset,
+        transform,
+        normalize,
+        indices: list[int],
+        *,
+        rank: int,
+        world_size: int,
+        batch_size: int,
+        device,
+        num_workers: int,
+        seed: int,
+    ):
         self.device, self.normalize = torch.device(device), normalize
         self.shard_sizes = [len(indices[r::world_size]) for r in range(world_size)]
-        self.loader = DataLoader(EvalDataset(dataset, transform, indices[rank::world_size]), batch_size=batch_size,
-                                 num_workers=num_workers, pin_memory=self.device.type == "cuda",
-                                 worker_init_fn=LeaveStoppingToTheMainProcess(),
-                                 generator=torch.Generator().manual_seed(seed))
+        self.loader = DataLoader(
+            EvalDataset(dataset, transform, indices[rank::world_size]),
+            batch_size=batch_size,
+            num_workers=num_workers,
+            pin_memory=self.device.type == "cuda",
+            worker_init_fn=LeaveStoppingToTheMainProcess(),
+            generator=torch.Generator().manual_seed(seed),
+        )
 
     def __call__(self):
         for images, labels in self.loader:
             yield self.normalize(images), labels.to(self.device, non_blocking=True)
 
 
-def build_eval_loader(data, split, *, image_size, batch_size, device, dtype=torch.float32, max_samples=None,
-                      num_workers=None, seed=0, verify=True, rank=0, world_size=1) -> EvalLoader:
+def build_eval_loader(
+    data,
+    split,
+    *,
+    image_size,
+    batch_size,
+    device,
+    dtype=torch.float32,
+    max_samples=None,
+    num_workers=None,
+    seed=0,
+    verify=True,
+    rank=0,
+    world_size=1,
+) -> EvalLoader:
     """The un-augmented `split`, or a fixed random subset of it, shared out over `world_size` ranks.
 
     The chosen images are checked here, when the loader is built, so bad data fails before any training; of a
@@ -65,6 +94,15 @@ def build_eval_loader(data, split, *, image_size, batch_size, device, dtype=torc
         dataset.verify(indices)  # all of them on every rank: a bad image stops every rank, not the one reading it
     recipe = get_recipe("v2")
     transform = eval_transform(recipe, image_size, resize=not is_fashion_mnist(data))
-    return EvalLoader(dataset, transform, DeviceNormalize(recipe.mean, recipe.std, device, dtype), indices, rank=rank,
-                      world_size=world_size, batch_size=batch_size, device=device,
-                      num_workers=default_workers() if num_workers is None else num_workers, seed=seed)
+    return EvalLoader(
+        dataset,
+        transform,
+        DeviceNormalize(recipe.mean, recipe.std, device, dtype),
+        indices,
+        rank=rank,
+        world_size=world_size,
+        batch_size=batch_size,
+        device=device,
+        num_workers=default_workers() if num_workers is None else num_workers,
+        seed=seed,
+    )

@@ -22,13 +22,12 @@ import torch
 import torch.nn.functional as F
 from rich.progress import track
 
-from model.checkpoint import CheckpointError, check_writable, load_checkpoint, query_encoder_state
 from evaluation.cli import HelpFormatter
 from evaluation.data import build_eval_loader
 from evaluation.knn import extract_features, labelled_data
+from model.checkpoint import CheckpointError, check_writable, load_checkpoint, query_encoder_state
 from model.resnet import build_encoder
 from pipeline.errors import DataError
-
 
 # What a checkpoint that does not record its run (the official main_moco.py's) is probed with.
 FALLBACK_DATA, FALLBACK_IMAGE_SIZE, FALLBACK_ARCH = "fashion-mnist", 28, "resnet50"
@@ -47,19 +46,25 @@ def probe_data(args: argparse.Namespace, ckpt: dict) -> tuple[str, int]:
         data = FALLBACK_DATA if args.data is None else args.data
         image_size = FALLBACK_IMAGE_SIZE if args.image_size is None else args.image_size
         if args.data is None or args.image_size is None:
-            notice(f"checkpoint {args.checkpoint} does not record the data it was trained on (train.py did not write "
-                   f"it); probing {data} at {image_size} px")
+            notice(
+                f"checkpoint {args.checkpoint} does not record the data it was trained on (train.py did not write "
+                f"it); probing {data} at {image_size} px"
+            )
         return data, image_size
     trained_on, trained_size = trained["data"], trained["image_size"]
     labelled = labelled_data(trained_on, trained.get("loader", "torch"), trained.get("knn_data"))
     data = labelled if args.data is None else args.data
     image_size = trained_size if args.image_size is None else args.image_size
     if data is None:
-        raise DataError(f"checkpoint {args.checkpoint} was trained on {trained_on}, which has no labels, and names no "
-                        "--knn-data; give --data")
+        raise DataError(
+            f"checkpoint {args.checkpoint} was trained on {trained_on}, which has no labels, and names no "
+            "--knn-data; give --data"
+        )
     if data not in (trained_on, labelled) or image_size != trained_size:
-        notice(f"probing {data} at {image_size} px; checkpoint {args.checkpoint} was trained on {trained_on} at "
-               f"{trained_size} px")
+        notice(
+            f"probing {data} at {image_size} px; checkpoint {args.checkpoint} was trained on {trained_on} at "
+            f"{trained_size} px"
+        )
     return data, image_size
 
 
@@ -68,9 +73,11 @@ def misfit(encoder_state: dict, state: dict) -> str | None:
     if not state:
         return "it holds no query encoder weights (module.encoder_q.*)"
     expected = {k: v for k, v in encoder_state.items() if not k.startswith("fc.")}
-    kinds = {"missing": [k for k in expected if k not in state],
-             "unexpected": [k for k in state if k not in expected],
-             "of another shape": [k for k in expected if k in state and state[k].shape != expected[k].shape]}
+    kinds = {
+        "missing": [k for k in expected if k not in state],
+        "unexpected": [k for k in state if k not in expected],
+        "of another shape": [k for k in expected if k in state and state[k].shape != expected[k].shape],
+    }
     return "; ".join(f"{len(keys)} weights {kind} (e.g. {keys[0]})" for kind, keys in kinds.items() if keys) or None
 
 
@@ -85,8 +92,9 @@ def load_frozen_encoder(ckpt: dict, checkpoint: str, arch: str | None) -> torch.
     state = query_encoder_state(ckpt["state_dict"])
     problem = misfit(model.state_dict(), state)
     if problem:
-        raise CheckpointError(f"checkpoint {checkpoint} (arch {stored_arch}) does not fit the {arch} encoder: "
-                              f"{problem}")
+        raise CheckpointError(
+            f"checkpoint {checkpoint} (arch {stored_arch}) does not fit the {arch} encoder: {problem}"
+        )
     model.load_state_dict(state, strict=False)
     for p in model.parameters():
         p.requires_grad = False
@@ -112,22 +120,39 @@ def train_linear(fc, feats, labels, epochs, lr, milestones, batch_size, seed):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("checkpoint", help="a checkpoint written by train.py (or the official main_moco.py)")
-    parser.add_argument("--data", default=None, help="labelled data with train and val splits (default: the "
-                        f"checkpoint's kNN data, else its training data; {FALLBACK_DATA} if it records neither)")
-    parser.add_argument("--arch", default=None, help="encoder architecture (default: the checkpoint's; "
-                        f"{FALLBACK_ARCH} if it records none)")
-    parser.add_argument("--image-size", type=int, default=None, help="side of the probed images, in pixels "
-                        f"(default: the checkpoint's; {FALLBACK_IMAGE_SIZE} if it records none)")
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="labelled data with train and val splits (default: the "
+        f"checkpoint's kNN data, else its training data; {FALLBACK_DATA} if it records neither)",
+    )
+    parser.add_argument(
+        "--arch",
+        default=None,
+        help=f"encoder architecture (default: the checkpoint's; {FALLBACK_ARCH} if it records none)",
+    )
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="side of the probed images, in pixels "
+        f"(default: the checkpoint's; {FALLBACK_IMAGE_SIZE} if it records none)",
+    )
     parser.add_argument("--epochs", type=int, default=100, help="epochs of training the linear classifier")
     parser.add_argument("--lr", type=float, default=30.0, help="SGD learning rate of the linear classifier")
     parser.add_argument("--schedule", type=int, nargs="+", default=[60, 80], help="epochs where lr drops x0.1")
     parser.add_argument("--batch-size", type=int, default=256, help="batch size of the linear classifier's SGD")
-    parser.add_argument("--train-samples", type=int, default=None,
-                        help="use a random subset of the train split (default: all of it)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="where features and the classifier are computed")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seed of the train subset, the batch order and the classifier's init")
+    parser.add_argument(
+        "--train-samples", type=int, default=None, help="use a random subset of the train split (default: all of it)"
+    )
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="where features and the classifier are computed",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the train subset, the batch order and the classifier's init"
+    )
     parser.add_argument("--json", default=None, help="also write the result to this file (default: only print it)")
     args = parser.parse_args(argv)
     try:
@@ -149,8 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     train_linear(fc, feats, labels, args.epochs, args.lr, args.schedule, args.batch_size, args.seed)
     with torch.no_grad():
         top1 = 100.0 * (fc(val_feats).argmax(1) == val_labels).float().mean().item()
-    result = dict(checkpoint=args.checkpoint, data=data, image_size=image_size, top1=top1, epochs=args.epochs,
-                  lr=args.lr)
+    result = dict(
+        checkpoint=args.checkpoint, data=data, image_size=image_size, top1=top1, epochs=args.epochs, lr=args.lr
+    )
     print(json.dumps(result))
     if args.json:
         with open(args.json, "w") as f:

@@ -96,15 +96,18 @@ def load_checkpoint(path) -> dict:
     except OSError as e:
         raise CheckpointError(f"checkpoint {path} cannot be read: {os.strerror(e.errno).lower()}") from None
     if not start.startswith(TORCH_FILE_STARTS):
-        raise CheckpointError(f"{path} is not a checkpoint: torch.save did not write it (it is another kind of "
-                              "file, or corrupt)")
+        raise CheckpointError(
+            f"{path} is not a checkpoint: torch.save did not write it (it is another kind of file, or corrupt)"
+        )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a damaged file; all mean the same to the user
         disallowed = re.search(r"GLOBAL (\S+) was not an allowed global", str(e))
         if disallowed:
-            raise CheckpointError(f"{path} holds objects other than tensors and plain data ({disallowed[1]}): it is "
-                                  "not a checkpoint this project wrote") from None
+            raise CheckpointError(
+                f"{path} holds objects other than tensors and plain data ({disallowed[1]}): it is "
+                "not a checkpoint this project wrote"
+            ) from None
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated") from None
     missing = {"epoch", "state_dict"} - set(ckpt) if isinstance(ckpt, dict) else {"epoch", "state_dict"}
     if missing:
@@ -118,10 +121,10 @@ def with_prefix(state_dict: dict) -> dict:
 
 
 def without_prefix(state_dict: dict) -> dict:
-    return {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in state_dict.items()}
+    return {k[len(PREFIX) :] if k.startswith(PREFIX) else k: v for k, v in state_dict.items()}
 
 
 def query_encoder_state(state_dict: dict) -> dict:
     """The query encoder's weights as a plain torchvision state dict (the MoCo head `fc.*` dropped)."""
     body = "module.encoder_q."
-    return {k[len(body):]: v for k, v in state_dict.items() if k.startswith(body) and not k.startswith(body + "fc")}
+    return {k[len(body) :]: v for k, v in state_dict.items() if k.startswith(body) and not k.startswith(body + "fc")}

@@ -21,8 +21,11 @@ def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
     a channels_last key batch is gathered as it lies, with no conversion to NCHW and back."""
     if world_size() == 1:
         return x
-    layout = torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
+    layout = (
+        torch.channels_last
+        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
         else torch.contiguous_format
+    )
     out = torch.empty((world_size() * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device, memory_format=layout)
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.14
     gather(out, x.contiguous(memory_format=layout))  # a no-op but for a strided view

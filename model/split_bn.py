@@ -56,13 +56,21 @@ class _BlockBatchNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, _grad_mean, _grad_invstd):
         x, weight, save_mean, save_invstd = ctx.saved_tensors
-        mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
-                weight is not None and ctx.needs_input_grad[2]]
+        mask = [
+            ctx.needs_input_grad[0],
+            weight is not None and ctx.needs_input_grad[1],
+            weight is not None and ctx.needs_input_grad[2],
+        ]
         grad_in = torch.empty_like(x) if mask[0] else None
         grad_w = grad_b = None
         grad_out = grad_out.contiguous(memory_format=_layout_of(x))  # autograd hands over x's layout already
-        blocks = zip(x.chunk(ctx.splits), grad_out.chunk(ctx.splits), save_mean.unbind(), save_invstd.unbind(),
-                     grad_in.chunk(ctx.splits) if mask[0] else [None] * ctx.splits)
+        blocks = zip(
+            x.chunk(ctx.splits),
+            grad_out.chunk(ctx.splits),
+            save_mean.unbind(),
+            save_invstd.unbind(),
+            grad_in.chunk(ctx.splits) if mask[0] else [None] * ctx.splits,
+        )
         for xb, gb, mean, invstd, grad_block in blocks:
             gi, gw, gbias = _BN_BACKWARD(gb, xb, weight, None, None, mean, invstd, True, ctx.eps, mask)
             if mask[0]:
@@ -111,9 +119,21 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
         s = self.num_splits
         mean = self.running_mean.repeat(s, 1) if self.track_running_stats else None
         var = self.running_var.repeat(s, 1) if self.track_running_stats else None
-        out = torch.cat([F.batch_norm(xb, None if mean is None else mean[i], None if var is None else var[i],
-                                      self.weight, self.bias, True, self.momentum, self.eps)
-                         for i, xb in enumerate(x.chunk(s))])
+        out = torch.cat(
+            [
+                F.batch_norm(
+                    xb,
+                    None if mean is None else mean[i],
+                    None if var is None else var[i],
+                    self.weight,
+                    self.bias,
+                    True,
+                    self.momentum,
+                    self.eps,
+                )
+                for i, xb in enumerate(x.chunk(s))
+            ]
+        )
         if self.track_running_stats:
             with torch.no_grad():
                 self.running_mean.copy_(mean.mean(0))
@@ -129,8 +149,14 @@ def convert_to_split_bn(module: nn.Module, num_splits: int) -> nn.Module:
     """Replace every BatchNorm2d in `module` by a SplitBatchNorm2d with the same state."""
     for name, child in module.named_children():
         if type(child) is nn.BatchNorm2d:
-            split = SplitBatchNorm2d(child.num_features, num_splits, eps=child.eps, momentum=child.momentum,
-                                     affine=child.affine, track_running_stats=child.track_running_stats)
+            split = SplitBatchNorm2d(
+                child.num_features,
+                num_splits,
+                eps=child.eps,
+                momentum=child.momentum,
+                affine=child.affine,
+                track_running_stats=child.track_running_stats,
+            )
             split.load_state_dict(child.state_dict())
             setattr(module, name, split)
         else:

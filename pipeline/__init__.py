@@ -22,10 +22,18 @@ LOADERS = {
 }
 
 
-def build_loader(backend, data, *, batch_size, image_size, device, aug="v2", rank=0, world_size=1, seed=0,
-                 **options):
+def build_loader(backend, data, *, batch_size, image_size, device, aug="v2", rank=0, world_size=1, seed=0, **options):
     if backend not in LOADERS:
         raise ValueError(f"unknown loader {backend!r}; choose one of: {', '.join(LOADERS)}")
     module = importlib.import_module(LOADERS[backend])
-    return module.build(data, batch_size=batch_size, image_size=image_size, device=device, aug=aug, rank=rank,
-                        world_size=world_size, seed=seed, **options)
+    return module.build(
+        data,
+        batch_size=batch_size,
+        image_size=image_size,
+        device=device,
+        aug=aug,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        **options,
+    )

@@ -42,14 +42,30 @@ class AugRecipe:
 
 AUG_RECIPES: dict[str, AugRecipe] = {
     "v1": AugRecipe(
-        crop_scale=(0.2, 1.0), crop_ratio=(3 / 4, 4 / 3),
-        brightness=0.4, contrast=0.4, saturation=0.4, hue=0.4, jitter_prob=1.0,
-        grayscale_prob=0.2, blur_sigma=(0.1, 2.0), blur_prob=0.0, flip_prob=0.5,
+        crop_scale=(0.2, 1.0),
+        crop_ratio=(3 / 4, 4 / 3),
+        brightness=0.4,
+        contrast=0.4,
+        saturation=0.4,
+        hue=0.4,
+        jitter_prob=1.0,
+        grayscale_prob=0.2,
+        blur_sigma=(0.1, 2.0),
+        blur_prob=0.0,
+        flip_prob=0.5,
     ),
     "v2": AugRecipe(
-        crop_scale=(0.2, 1.0), crop_ratio=(3 / 4, 4 / 3),
-        brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, jitter_prob=0.8,
-        grayscale_prob=0.2, blur_sigma=(0.1, 2.0), blur_prob=0.5, flip_prob=0.5,
+        crop_scale=(0.2, 1.0),
+        crop_ratio=(3 / 4, 4 / 3),
+        brightness=0.4,
+        contrast=0.4,
+        saturation=0.4,
+        hue=0.1,
+        jitter_prob=0.8,
+        grayscale_prob=0.2,
+        blur_sigma=(0.1, 2.0),
+        blur_prob=0.5,
+        flip_prob=0.5,
     ),
 }
 

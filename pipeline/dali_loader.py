@@ -5,15 +5,16 @@ op runs on the GPU; with `device='cpu'` the same graph (`two_view_pipeline`, one
 DALI's CPU threads, which is how it is tested on machines without a GPU.
 
 Order and seeds. Each epoch gets a freshly built pipeline whose file reader is handed this rank's files for that
-epoch, in order: exactly the reference loader's shard (`epoch_batches_shard`), whole batches only, so the last partial batch
-is dropped before DALI sees it and no batch is ever padded or straddles two epochs. Every random op is seeded from
-(seed, epoch, rank). DALI's reader options cannot do this: `random_shuffle` draws from a buffer with the reader's seed
-and `shuffle_after_epoch` reshuffles from an internal epoch counter, so neither can be told "epoch 37" after a resume;
-and `shard_id`/`num_shards` would have every rank pass, and DALI parse, the whole file list every epoch (1.3 s for
-ImageNet's 1.28M paths on a slow core, against 0.2 s for one rank's eighth). Building a pipeline takes a fraction of
-a second, an epoch minutes. Random ops are seeded per pipeline, not per image, so a view depends on its place in the
-batch too: a run repeats exactly for the same seed, batch size and world size (any thread count, checked on CPU; on a
-GPU, decoded pixels may also depend on which nvJPEG backend, hardware or CUDA, gets each image).
+epoch, in order: exactly the reference loader's shard (`epoch_batches_shard`), whole batches only, so the last
+partial batch is dropped before DALI sees it and no batch is ever padded or straddles two epochs. Every random op is
+seeded from (seed, epoch, rank). DALI's reader options cannot do this: `random_shuffle` draws from a buffer with the
+reader's seed and `shuffle_after_epoch` reshuffles from an internal epoch counter, so neither can be told "epoch 37"
+after a resume; and `shard_id`/`num_shards` would have every rank pass, and DALI parse, the whole file list every
+epoch (1.3 s for ImageNet's 1.28M paths on a slow core, against 0.2 s for one rank's eighth). Building a pipeline
+takes a fraction of a second, an epoch minutes. Random ops are seeded per pipeline, not per image, so a view depends
+on its place in the batch too: a run repeats exactly for the same seed, batch size and world size (any thread count,
+checked on CPU; on a GPU, decoded pixels may also depend on which nvJPEG backend, hardware or CUDA, gets each
+image).
 
 Fashion-MNIST (arrays, not JPEG files) enters through `fn.external_source` in the same order, is upscaled to
 `image_size` as `FashionMNIST.load` does, and then goes through the same crop and augmentation ops.
@@ -31,11 +32,11 @@ import sys
 
 import numpy as np
 import torch
-from nvidia.dali import fn, math as dmath, pipeline_def, types
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali import math as dmath
 
 from pipeline.augs import AugRecipe, get_recipe
-from pipeline.common import (check_start_step, default_workers, derive_seed, epoch_shard, steps_per_epoch,
-                             to_step_layout)
+from pipeline.common import check_start_step, default_workers, derive_seed, epoch_shard, steps_per_epoch, to_step_layout
 from pipeline.datasets import FashionMNIST, ImageFolderFiles, is_gif, resolve_dataset
 from pipeline.errors import DataError
 
@@ -94,8 +95,12 @@ def adjust_hue(images, turns):
     divisor = dmath.max(chroma, 1e-6)  # grey pixels (chroma 0) keep any hue; this only avoids 0/0
     red_max, green_max = value == r, (value == g) & (value != r)
     blue_max = (value != g) & (value != r)
-    sextant = (red_max * ((g - b) / divisor) + green_max * (2.0 + (b - r) / divisor)
-               + blue_max * (4.0 + (r - g) / divisor) + 6.0 * turns)
+    sextant = (
+        red_max * ((g - b) / divisor)
+        + green_max * (2.0 + (b - r) / divisor)
+        + blue_max * (4.0 + (r - g) / divisor)
+        + 6.0 * turns
+    )
     k = types.Constant(HUE_SEXTANT_OFFSETS) + sextant
     k = k - 6.0 * dmath.floor(k / 6.0)
     return fn.cast(value - chroma * dmath.clamp(dmath.min(k, 4.0 - k), 0.0, 1.0), dtype=types.UINT8)
@@ -104,8 +109,11 @@ def adjust_hue(images, turns):
 def jitter_ops(recipe: AugRecipe) -> list:
     """(op, random factor) for each ColorJitter op the recipe enables, with torchvision's factor ranges."""
     ops = []
-    for op, strength in ((adjust_brightness, recipe.brightness), (adjust_contrast, recipe.contrast),
-                         (adjust_saturation, recipe.saturation)):
+    for op, strength in (
+        (adjust_brightness, recipe.brightness),
+        (adjust_contrast, recipe.contrast),
+        (adjust_saturation, recipe.saturation),
+    ):
         if strength > 0:
             ops.append((op, uniform(max(0.0, 1 - strength), 1 + strength)))
     if recipe.hue > 0:
@@ -123,8 +131,9 @@ def color_jitter(images, recipe: AugRecipe):
     orders = list(itertools.permutations(range(len(ops))))
     order = fn.random.choice(len(orders))
     for slot in range(len(ops)):
-        selected = fn.lookup_table(order, keys=list(range(len(orders))), values=[o[slot] for o in orders],
-                                   dtype=types.INT32)
+        selected = fn.lookup_table(
+            order, keys=list(range(len(orders))), values=[o[slot] for o in orders], dtype=types.INT32
+        )
         for index, (op, factor) in enumerate(ops):
             if selected == index:
                 images = op(images, factor)
@@ -158,8 +167,12 @@ def gaussian_blur(images, sigma_range: tuple[float, float]):
 def flip_and_normalize(images, recipe: AugRecipe, output_type):
     """Horizontal flip with flip_prob, ImageNet normalisation, cast: NHWC out, which is NCHW channels_last to torch."""
     return fn.crop_mirror_normalize(
-        images, dtype=output_type, output_layout="HWC", mirror=fn.random.coin_flip(probability=recipe.flip_prob),
-        mean=[255 * m for m in recipe.mean], std=[255 * s for s in recipe.std],
+        images,
+        dtype=output_type,
+        output_layout="HWC",
+        mirror=fn.random.coin_flip(probability=recipe.flip_prob),
+        mean=[255 * m for m in recipe.mean],
+        std=[255 * s for s in recipe.std],
     )
 
 
@@ -178,8 +191,13 @@ def augment(view, recipe: AugRecipe, output_type):
 
 def random_resized_crop(images, recipe: AugRecipe, image_size: int):
     """torchvision's RandomResizedCrop: 10 tries at an area and log-uniform aspect ratio, antialiased bilinear."""
-    return fn.random_resized_crop(images, size=[image_size, image_size], random_area=list(recipe.crop_scale),
-                                  random_aspect_ratio=list(recipe.crop_ratio), num_attempts=10)
+    return fn.random_resized_crop(
+        images,
+        size=[image_size, image_size],
+        random_area=list(recipe.crop_scale),
+        random_aspect_ratio=list(recipe.crop_ratio),
+        num_attempts=10,
+    )
 
 
 # --- what the pipeline reads: JPEG files through the file reader, or Fashion-MNIST arrays ---
@@ -187,8 +205,9 @@ def random_resized_crop(images, recipe: AugRecipe, image_size: int):
 
 def read_jpegs(dataset, shard: np.ndarray):
     """JPEG bytes and labels of this rank's `shard`, in its order."""
-    return fn.readers.file(files=[dataset.samples[i][0] for i in shard], labels=dataset.targets[shard].tolist(),
-                           name=READER)
+    return fn.readers.file(
+        files=[dataset.samples[i][0] for i in shard], labels=dataset.targets[shard].tolist(), name=READER
+    )
 
 
 def read_fashion_mnist(dataset: FashionMNIST, shard: np.ndarray):
@@ -221,12 +240,21 @@ def jpeg_views(jpegs, recipe: AugRecipe, image_size: int, gpu: bool, decode: str
     device = "mixed" if gpu else "cpu"
     options = decoder_options if gpu else {}  # nvJPEG preallocation and the hardware decoder are mixed-only
     if decode == "roi":
-        return [fn.resize(fn.decoders.image_random_crop(jpegs, device=device, output_type=types.RGB,
-                                                        random_area=list(recipe.crop_scale),
-                                                        random_aspect_ratio=list(recipe.crop_ratio),
-                                                        num_attempts=10, **options),
-                          size=[image_size, image_size])
-                for _ in range(2)]
+        return [
+            fn.resize(
+                fn.decoders.image_random_crop(
+                    jpegs,
+                    device=device,
+                    output_type=types.RGB,
+                    random_area=list(recipe.crop_scale),
+                    random_aspect_ratio=list(recipe.crop_ratio),
+                    num_attempts=10,
+                    **options,
+                ),
+                size=[image_size, image_size],
+            )
+            for _ in range(2)
+        ]
     images = fn.decoders.image(jpegs, device=device, output_type=types.RGB, **options)
     return [random_resized_crop(images, recipe, image_size) for _ in range(2)]
 
@@ -249,8 +277,9 @@ def two_view_pipeline(dataset, shard, recipe, image_size, gpu, decode, output_ty
 # --- the loader ---
 
 
-def epoch_batches_shard(num_samples: int, batch_size: int, rank: int, world_size: int, seed: int,
-                        epoch: int) -> np.ndarray:
+def epoch_batches_shard(
+    num_samples: int, batch_size: int, rank: int, world_size: int, seed: int, epoch: int
+) -> np.ndarray:
     """This rank's samples this epoch, in order: the reference loader's shard less the dropped partial batch."""
     steps = steps_per_epoch(num_samples, batch_size, world_size)
     return epoch_shard(num_samples, rank, world_size, seed, epoch)[: steps * batch_size].numpy()
@@ -320,8 +349,23 @@ class DaliLoader:
     reads exactly the samples after it, with fresh random draws.
     """
 
-    def __init__(self, dataset, recipe: AugRecipe, *, batch_size, image_size, device, dtype, rank, world_size, seed,
-                 decode, num_threads, prefetch_queue_depth, decoder_options):
+    def __init__(
+        self,
+        dataset,
+        recipe: AugRecipe,
+        *,
+        batch_size,
+        image_size,
+        device,
+        dtype,
+        rank,
+        world_size,
+        seed,
+        decode,
+        num_threads,
+        prefetch_queue_depth,
+        decoder_options,
+    ):
         self.dataset, self.recipe, self.image_size = dataset, recipe, image_size
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.device, self.dtype, self.decode = device, dtype, decode
@@ -350,11 +394,21 @@ class DaliLoader:
     def pipeline(self, shard: np.ndarray, epoch: int, checkpoint: bytes | None):
         gpu = self.device.type == "cuda"
         pipe = two_view_pipeline(
-            self.dataset, shard, self.recipe, self.image_size, gpu, self.decode, OUTPUT_TYPES[self.dtype],
+            self.dataset,
+            shard,
+            self.recipe,
+            self.image_size,
+            gpu,
+            self.decode,
+            OUTPUT_TYPES[self.dtype],
             self.decoder_options,
-            batch_size=self.batch_size, num_threads=self.num_threads, device_id=self.device.index if gpu else None,
-            seed=derive_seed(self.seed, epoch, self.rank), prefetch_queue_depth=self.prefetch_queue_depth,
-            enable_checkpointing=True, checkpoint=checkpoint,
+            batch_size=self.batch_size,
+            num_threads=self.num_threads,
+            device_id=self.device.index if gpu else None,
+            seed=derive_seed(self.seed, epoch, self.rank),
+            prefetch_queue_depth=self.prefetch_queue_depth,
+            enable_checkpointing=True,
+            checkpoint=checkpoint,
         )
         pipe.build()
         return pipe
@@ -373,8 +427,9 @@ class DaliLoader:
 
     def __iter__(self):
         try:
-            shard = epoch_batches_shard(len(self.dataset), self.batch_size, self.rank, self.world_size, self.seed,
-                                        self.epoch)
+            shard = epoch_batches_shard(
+                len(self.dataset), self.batch_size, self.rank, self.world_size, self.seed, self.epoch
+            )
             start, restore, self.restore = self.start_step, self.restore, None
             # The reader is handed the samples from `skipped` on: from `start` without a saved reader position; with
             # one, the same list as the pipeline that saved it.
@@ -388,8 +443,10 @@ class DaliLoader:
                 im_q, im_k, labels = self.run(self.pipe, shard, step)
                 views = to_torch(im_q).permute(0, 3, 1, 2), to_torch(im_k).permute(0, 3, 1, 2), to_torch(labels)
                 try:  # labels are already on the device (a GPU output there, see `two_view_pipeline`)
-                    yield (*(to_step_layout(v, self.device, self.dtype) for v in views[:2]),
-                           views[2].view(-1).to(torch.int64))
+                    yield (
+                        *(to_step_layout(v, self.device, self.dtype) for v in views[:2]),
+                        views[2].view(-1).to(torch.int64),
+                    )
                 finally:  # the consumer has queued its step on this batch, or stopped
                     self.in_flight.release(views)
         finally:  # also when the consumer stops early: the next iteration is the next epoch, from its start
@@ -400,8 +457,9 @@ def pipeline_device(device) -> torch.device:
     """The device DALI runs on: CPU threads for 'cpu', and for 'cuda' on a machine without one (with a notice)."""
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        print(f"dali loader: {device} requested but CUDA is not available; running the pipeline on CPU",
-              file=sys.stderr)
+        print(
+            f"dali loader: {device} requested but CUDA is not available; running the pipeline on CPU", file=sys.stderr
+        )
         return torch.device("cpu")
     if device.type == "cuda":
         return torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
@@ -410,10 +468,27 @@ def pipeline_device(device) -> torch.device:
     return device
 
 
-def build(data, *, batch_size, image_size, device, aug="v2", rank=0, world_size=1, seed=0, dtype=torch.float32,
-          decode="once", num_workers=None, prefetch_queue_depth=2, hw_decoder_load=0.65,
-          device_memory_padding=211025920, host_memory_padding=140544512, preallocate_width_hint=5980,
-          preallocate_height_hint=6430, verify=True):
+def build(
+    data,
+    *,
+    batch_size,
+    image_size,
+    device,
+    aug="v2",
+    rank=0,
+    world_size=1,
+    seed=0,
+    dtype=torch.float32,
+    decode="once",
+    num_workers=None,
+    prefetch_queue_depth=2,
+    hw_decoder_load=0.65,
+    device_memory_padding=211025920,
+    host_memory_padding=140544512,
+    preallocate_width_hint=5980,
+    preallocate_height_hint=6430,
+    verify=True,
+):
     """The `dali` backend. `decode`: "once" (decode, crop twice) or "roi" (two ROI decodes; JPEG data only).
     `num_workers`: DALI's CPU threads (train.py's --workers, as for the other loaders).
     `hw_decoder_load`, `device_memory_padding`, `host_memory_padding`, `preallocate_width_hint`,
@@ -427,10 +502,25 @@ def build(data, *, batch_size, image_size, device, aug="v2", rank=0, world_size=
         raise ValueError(f"the dali loader outputs {', '.join(map(str, OUTPUT_TYPES))}, not {dtype}")
     dataset = resolve_dataset(data, "train", image_size, verify)
     refuse_gifs(dataset)
-    decoder_options = dict(hw_decoder_load=hw_decoder_load, device_memory_padding=device_memory_padding,
-                           host_memory_padding=host_memory_padding, preallocate_width_hint=preallocate_width_hint,
-                           preallocate_height_hint=preallocate_height_hint)
-    return DaliLoader(dataset, get_recipe(aug), batch_size=batch_size, image_size=image_size,
-                      device=pipeline_device(device), dtype=dtype, rank=rank, world_size=world_size, seed=seed,
-                      decode=decode, num_threads=num_workers or default_workers(),
-                      prefetch_queue_depth=prefetch_queue_depth, decoder_options=decoder_options)
+    decoder_options = dict(
+        hw_decoder_load=hw_decoder_load,
+        device_memory_padding=device_memory_padding,
+        host_memory_padding=host_memory_padding,
+        preallocate_width_hint=preallocate_width_hint,
+        preallocate_height_hint=preallocate_height_hint,
+    )
+    return DaliLoader(
+        dataset,
+        get_recipe(aug),
+        batch_size=batch_size,
+        image_size=image_size,
+        device=pipeline_device(device),
+        dtype=dtype,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        decode=decode,
+        num_threads=num_workers or default_workers(),
+        prefetch_queue_depth=prefetch_queue_depth,
+        decoder_options=decoder_options,
+    )

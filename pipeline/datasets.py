@@ -45,8 +45,20 @@ Image.MAX_IMAGE_PIXELS = None
 # Leading bytes of every image format PIL decodes (DALI: all but GIF), whatever the file's extension says: real
 # ImageNet holds a PNG named .JPEG (train/n02105855/n02105855_2933.JPEG), and both decoders read it by its content.
 GIF_MAGIC = b"GIF8"
-IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"P6", b"P3", b"P5", b"P2", b"BM", GIF_MAGIC, b"II*\x00",
-               b"MM\x00*", b"RIFF", b"\x00\x00\x00\x0cjP  ")
+IMAGE_MAGIC = (
+    b"\xff\xd8\xff",
+    b"\x89PNG\r\n\x1a\n",
+    b"P6",
+    b"P3",
+    b"P5",
+    b"P2",
+    b"BM",
+    GIF_MAGIC,
+    b"II*\x00",
+    b"MM\x00*",
+    b"RIFF",
+    b"\x00\x00\x00\x0cjP  ",
+)
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -79,10 +91,22 @@ class FashionMNIST:
         self.images = _read_idx(_find_idx(root, images_stem))
         self.targets = _read_idx(_find_idx(root, labels_stem)).astype(np.int64)
         if len(self.images) != len(self.targets):
-            raise DataError(f"Fashion-MNIST {split} in {root}: {len(self.images)} images but {len(self.targets)} labels")
+            raise DataError(
+                f"Fashion-MNIST {split} in {root}: {len(self.images)} images but {len(self.targets)} labels"
+            )
         self.image_size = image_size
-        self.classes = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                        "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+        self.classes = [
+            "T-shirt/top",
+            "Trouser",
+            "Pullover",
+            "Dress",
+            "Coat",
+            "Sandal",
+            "Shirt",
+            "Sneaker",
+            "Bag",
+            "Ankle boot",
+        ]
 
     def __len__(self) -> int:
         return len(self.images)
@@ -134,8 +158,10 @@ class ImageFolderFiles:
         try:
             with Image.open(path) as img:
                 if img.width * img.height > MAX_IMAGE_PIXELS:
-                    raise DataError(f"image {path} is {img.width}x{img.height} pixels, over the limit of "
-                                    f"{MAX_IMAGE_PIXELS:,} (pipeline.datasets.MAX_IMAGE_PIXELS): shrink it")
+                    raise DataError(
+                        f"image {path} is {img.width}x{img.height} pixels, over the limit of "
+                        f"{MAX_IMAGE_PIXELS:,} (pipeline.datasets.MAX_IMAGE_PIXELS): shrink it"
+                    )
                 return to_rgb(img)
         except DataError:
             raise
@@ -198,13 +224,17 @@ def _list_image_folder(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
     if not samples:
         raise DataError(f"data path {root} has class folders but no images ({', '.join(IMAGE_EXTENSIONS)})")
     if skipped:
-        by_type = ", ".join(f"{extension} {count}" for extension, count in
-                            sorted(skipped.items(), key=lambda item: (-item[1], item[0])))
+        by_type = ", ".join(
+            f"{extension} {count}" for extension, count in sorted(skipped.items(), key=lambda item: (-item[1], item[0]))
+        )
         print(f"data path {root}: skipped {skipped.total()} files that are not images ({by_type})", file=sys.stderr)
     empty = sorted(set(classes) - {classes[label] for _, label in samples})
     if empty:
-        print(f"data path {root}: {len(empty)} of {len(classes)} class folders hold no images and still count as "
-              f"classes: {', '.join(empty)}", file=sys.stderr)
+        print(
+            f"data path {root}: {len(empty)} of {len(classes)} class folders hold no images and still count as "
+            f"classes: {', '.join(empty)}",
+            file=sys.stderr,
+        )
     return classes, samples
 
 
@@ -245,7 +275,9 @@ def resolve_dataset(data: str, split: str = "train", image_size: int = 224, veri
     if (root / "train").is_dir():
         return ImageFolderFiles(root / split, verify)
     if split != "train":
-        raise DataError(f"data path {root} has no '{split}' folder for evaluation (expected {root}/train and {root}/{split})")
+        raise DataError(
+            f"data path {root} has no '{split}' folder for evaluation (expected {root}/train and {root}/{split})"
+        )
     return ImageFolderFiles(root, verify)
 
 

@@ -45,8 +45,8 @@ import torch
 from ffcv.fields import IntField, RGBImageField
 from ffcv.fields.basics import IntDecoder
 from ffcv.fields.rgb_image import IMAGE_MODES, RandomResizedCropRGBImageDecoder
-from ffcv.loader import Loader, OrderOption
 from ffcv.libffcv import imdecode, resize_crop
+from ffcv.loader import Loader, OrderOption
 from ffcv.pipeline import PipelineSpec
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
@@ -80,8 +80,10 @@ def read_beton(path: Path) -> Reader:
     fields = {name: type(handler) for name, handler in reader.handlers.items()}
     if fields != EXPECTED_FIELDS:
         found = ", ".join(f"{name} ({kind.__name__})" for name, kind in fields.items())
-        raise DataError(f"{path} has fields {found}; expected {IMAGE_FIELD} (RGBImageField) and {LABEL_FIELD} "
-                        f"(IntField), as pipeline.ffcv_writer writes")
+        raise DataError(
+            f"{path} has fields {found}; expected {IMAGE_FIELD} (RGBImageField) and {LABEL_FIELD} "
+            f"(IntField), as pipeline.ffcv_writer writes"
+        )
     check_complete(reader, path)
     return reader
 
@@ -90,14 +92,19 @@ def check_complete(reader: Reader, path: Path) -> None:
     """Every sample's metadata present and every image's bytes inside the file: what a truncated copy lacks."""
     data_end, file_size = int(reader.header["alloc_table_ptr"]), path.stat().st_size
     table = reader.alloc_table
-    whole = (len(reader.metadata) == reader.num_samples and data_end <= file_size
-             and (file_size - data_end) % ALLOC_TABLE_TYPE.itemsize == 0)
+    whole = (
+        len(reader.metadata) == reader.num_samples
+        and data_end <= file_size
+        and (file_size - data_end) % ALLOC_TABLE_TYPE.itemsize == 0
+    )
     if whole:
         image_ptrs = field_values(reader, IMAGE_FIELD)["data_ptr"]
         whole = bool(np.all(table["ptr"] + table["size"] <= data_end) and np.isin(image_ptrs, table["ptr"]).all())
     if not whole:
-        raise DataError(f"{path} is truncated or corrupt: its sample table does not match its size "
-                        f"({file_size} bytes); write it again")
+        raise DataError(
+            f"{path} is truncated or corrupt: its sample table does not match its size "
+            f"({file_size} bytes); write it again"
+        )
 
 
 def field_values(reader: Reader, name: str) -> np.ndarray:
@@ -172,14 +179,24 @@ def view_pipelines(recipe: AugRecipe, image_size: int, device: torch.device, dec
     channels_last NCHW batches on `device`, one decode each."""
     size, crop = (image_size, image_size), dict(scale=recipe.crop_scale, ratio=recipe.crop_ratio)
     if decode == "once":
-        return {"views": PipelineSpec(IMAGE_FIELD, transforms=[
-            TwoViewCropDecoder(size, **crop), ToTensor(), ToDevice(device, non_blocking=True)])}
-    return {view: PipelineSpec(IMAGE_FIELD, transforms=[
-        RandomResizedCropRGBImageDecoder(size, **crop),
-        ToTensor(),
-        ToDevice(device, non_blocking=True),
-        ToTorchImage(channels_last=True),
-    ]) for view in ("im_q", "im_k")}
+        return {
+            "views": PipelineSpec(
+                IMAGE_FIELD,
+                transforms=[TwoViewCropDecoder(size, **crop), ToTensor(), ToDevice(device, non_blocking=True)],
+            )
+        }
+    return {
+        view: PipelineSpec(
+            IMAGE_FIELD,
+            transforms=[
+                RandomResizedCropRGBImageDecoder(size, **crop),
+                ToTensor(),
+                ToDevice(device, non_blocking=True),
+                ToTorchImage(channels_last=True),
+            ],
+        )
+        for view in ("im_q", "im_k")
+    }
 
 
 def label_pipeline(device: torch.device) -> list:
@@ -228,16 +245,37 @@ class FFCVLoader:
             yield im_q, im_k, labels.clone()
 
 
-def make_ffcv_loader(path: Path, *, batch_size: int, image_size: int, device: torch.device, recipe: AugRecipe,
-                     rank: int, world_size: int, seed: int, order: str, os_cache: bool, num_workers: int,
-                     batches_ahead: int, decode: str) -> Loader:
+def make_ffcv_loader(
+    path: Path,
+    *,
+    batch_size: int,
+    image_size: int,
+    device: torch.device,
+    recipe: AugRecipe,
+    rank: int,
+    world_size: int,
+    seed: int,
+    order: str,
+    os_cache: bool,
+    num_workers: int,
+    batches_ahead: int,
+    decode: str,
+) -> Loader:
     """FFCV's half of the work: batches of labels and uint8 cropped views (see `view_pipelines`) on `device`."""
     loader = Loader(
-        str(path), batch_size=batch_size, num_workers=num_workers, os_cache=os_cache,
-        order=OrderOption.QUASI_RANDOM if order == "quasi_random" else OrderOption.SEQUENTIAL, seed=seed,
-        drop_last=True, batches_ahead=batches_ahead,
-        pipelines={LABEL_FIELD: label_pipeline(device), IMAGE_FIELD: None,
-                   **view_pipelines(recipe, image_size, device, decode)},
+        str(path),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        os_cache=os_cache,
+        order=OrderOption.QUASI_RANDOM if order == "quasi_random" else OrderOption.SEQUENTIAL,
+        seed=seed,
+        drop_last=True,
+        batches_ahead=batches_ahead,
+        pipelines={
+            LABEL_FIELD: label_pipeline(device),
+            IMAGE_FIELD: None,
+            **view_pipelines(recipe, image_size, device, decode),
+        },
     )
     if order == "random":
         # ffcv 1.0.2 cannot take a TraversalOrder class as `order` (it tests isinstance on the class), so the
@@ -247,8 +285,23 @@ def make_ffcv_loader(path: Path, *, batch_size: int, image_size: int, device: to
     return loader
 
 
-def build(data, *, batch_size, image_size, device, aug="v2", rank=0, world_size=1, seed=0,
-          dtype=torch.float32, order=None, os_cache=None, num_workers=None, batches_ahead=3, decode="once"):
+def build(
+    data,
+    *,
+    batch_size,
+    image_size,
+    device,
+    aug="v2",
+    rank=0,
+    world_size=1,
+    seed=0,
+    dtype=torch.float32,
+    order=None,
+    os_cache=None,
+    num_workers=None,
+    batches_ahead=3,
+    decode="once",
+):
     if decode not in DECODES:
         raise ValueError(f"unknown FFCV decode strategy {decode!r}; choose one of: {', '.join(DECODES)}")
     path = Path(data)
@@ -256,9 +309,20 @@ def build(data, *, batch_size, image_size, device, aug="v2", rank=0, world_size=
     order, os_cache = resolve_order(order, os_cache, world_size)
     steps = steps_per_epoch(int(reader.num_samples), batch_size, world_size)
     recipe, device = get_recipe(aug), torch.device(device)
-    loader = make_ffcv_loader(path, batch_size=batch_size, image_size=image_size, device=device, recipe=recipe,
-                              rank=rank, world_size=world_size, seed=seed, order=order, os_cache=os_cache,
-                              num_workers=num_workers or default_workers(), batches_ahead=batches_ahead,
-                              decode=decode)
+    loader = make_ffcv_loader(
+        path,
+        batch_size=batch_size,
+        image_size=image_size,
+        device=device,
+        recipe=recipe,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        order=order,
+        os_cache=os_cache,
+        num_workers=num_workers or default_workers(),
+        batches_ahead=batches_ahead,
+        decode=decode,
+    )
     augment = TwoViewAugment(recipe, device=device, dtype=dtype)
     return FFCVLoader(loader, augment, steps=steps, rank=rank, seed=seed)

@@ -101,8 +101,12 @@ def image_field(max_resolution: int | None, jpeg_quality: int, compress_probabil
         raise ValueError(f"compress probability must be in [0, 1], got {compress_probability}")
     if not 1 <= jpeg_quality <= 100:
         raise ValueError(f"JPEG quality must be in [1, 100], got {jpeg_quality}")
-    return RGBImageField(write_mode="proportion", max_resolution=max_resolution, jpeg_quality=jpeg_quality,
-                         compress_probability=compress_probability)
+    return RGBImageField(
+        write_mode="proportion",
+        max_resolution=max_resolution,
+        jpeg_quality=jpeg_quality,
+        compress_probability=compress_probability,
+    )
 
 
 class WorkersDied(Exception):
@@ -156,8 +160,9 @@ class WorkerWatchdog(threading.Thread):
                 gone_since = time.monotonic()
             elif time.monotonic() - gone_since > WORKERS_GONE_GRACE_S:
                 self.fired = True
-                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self.writer_thread),
-                                                           ctypes.py_object(WorkersDied))
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                    ctypes.c_ulong(self.writer_thread), ctypes.py_object(WorkersDied)
+                )
                 return
 
     def stop(self) -> None:
@@ -243,9 +248,17 @@ def partial_path(out: Path) -> Path:
     return out.with_name(f"{out.name}.{os.getpid()}.partial")
 
 
-def write_beton(data: str, out: str | Path, *, split: str = "train", max_resolution: int | None = 512,
-                jpeg_quality: int = 90, compress_probability: float = 0.5, workers: int | None = None,
-                verify: bool = True) -> WriteReport:
+def write_beton(
+    data: str,
+    out: str | Path,
+    *,
+    split: str = "train",
+    max_resolution: int | None = 512,
+    jpeg_quality: int = 90,
+    compress_probability: float = 0.5,
+    workers: int | None = None,
+    verify: bool = True,
+) -> WriteReport:
     """Write `data`'s `split` to `out`. A bad image, writer workers that die twice, or SIGINT/SIGTERM (raising
     WriteInterrupted) leave `out` as it was and no partial file."""
     out = Path(out)
@@ -254,9 +267,17 @@ def write_beton(data: str, out: str | Path, *, split: str = "train", max_resolut
     partial = partial_path(out)
     with StopOnSignal() as signals:
         try:
-            images, seconds = write_partial(data, partial, out, split=split, max_resolution=max_resolution,
-                                            jpeg_quality=jpeg_quality, compress_probability=compress_probability,
-                                            workers=workers, verify=verify)
+            images, seconds = write_partial(
+                data,
+                partial,
+                out,
+                split=split,
+                max_resolution=max_resolution,
+                jpeg_quality=jpeg_quality,
+                compress_probability=compress_probability,
+                workers=workers,
+                verify=verify,
+            )
             signals.disarm()  # the file is complete: a signal must not cut its rename short
             partial.replace(out)
         except WriteInterrupted:
@@ -267,9 +288,18 @@ def write_beton(data: str, out: str | Path, *, split: str = "train", max_resolut
     return WriteReport(out, images, out.stat().st_size, seconds)
 
 
-def write_partial(data: str, partial: Path, out: Path, *, split: str, max_resolution: int | None,
-                  jpeg_quality: int, compress_probability: float, workers: int | None,
-                  verify: bool) -> tuple[int, float]:
+def write_partial(
+    data: str,
+    partial: Path,
+    out: Path,
+    *,
+    split: str,
+    max_resolution: int | None,
+    jpeg_quality: int,
+    compress_probability: float,
+    workers: int | None,
+    verify: bool,
+) -> tuple[int, float]:
     """(images, seconds) of the write itself, to `partial`; a failure raises and leaves `partial` to the caller."""
     dataset = resolve_dataset(data, split, FASHION_MNIST_SIDE, verify)
     fields = {IMAGE_FIELD: image_field(max_resolution, jpeg_quality, compress_probability), LABEL_FIELD: IntField()}
@@ -288,8 +318,10 @@ def write_partial(data: str, partial: Path, out: Path, *, split: str, max_resolu
             if isinstance(stop, WriteInterrupted):
                 raise
             if attempt == 2:
-                raise DataError(f"FFCV's writer workers died twice before writing every image (their errors are "
-                                f"above); no {out} written") from None
+                raise DataError(
+                    f"FFCV's writer workers died twice before writing every image (their errors are "
+                    f"above); no {out} written"
+                ) from None
         finally:
             watchdog.stop()
     seconds = time.perf_counter() - start
@@ -303,24 +335,40 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("data", help="ImageFolder root, or fashion-mnist[:DIR]")
     parser.add_argument("out", type=Path, help="the .beton file to write")
     parser.add_argument("--split", default="train", choices=("train", "val"))
-    parser.add_argument("--max-resolution", type=int, default=512,
-                        help="longest side kept, in pixels; 0 keeps full resolution (default 512)")
+    parser.add_argument(
+        "--max-resolution",
+        type=int,
+        default=512,
+        help="longest side kept, in pixels; 0 keeps full resolution (default 512)",
+    )
     parser.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality of compressed images (default 90)")
-    parser.add_argument("--compress-probability", type=float, default=0.5,
-                        help="fraction of images stored as JPEG rather than raw pixels (default 0.5)")
+    parser.add_argument(
+        "--compress-probability",
+        type=float,
+        default=0.5,
+        help="fraction of images stored as JPEG rather than raw pixels (default 0.5)",
+    )
     parser.add_argument("--workers", type=int, default=None, help="writer processes (default: all cores)")
     args = parser.parse_args(argv)
     try:
-        report = write_beton(args.data, args.out, split=args.split, max_resolution=args.max_resolution or None,
-                             jpeg_quality=args.jpeg_quality, compress_probability=args.compress_probability,
-                             workers=args.workers)
+        report = write_beton(
+            args.data,
+            args.out,
+            split=args.split,
+            max_resolution=args.max_resolution or None,
+            jpeg_quality=args.jpeg_quality,
+            compress_probability=args.compress_probability,
+            workers=args.workers,
+        )
     except (DataError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     except WriteInterrupted as e:
         print(e, file=sys.stderr)
         raise SystemExit(INTERRUPTED_STATUS) from None
-    print(f"wrote {report.images} images to {report.path}: {report.size_bytes / 2**20:.1f} MiB, "
-          f"{report.images_per_s:.0f} images/s ({report.seconds:.1f} s)")
+    print(
+        f"wrote {report.images} images to {report.path}: {report.size_bytes / 2**20:.1f} MiB, "
+        f"{report.images_per_s:.0f} images/s ({report.seconds:.1f} s)"
+    )
 
 
 if __name__ == "__main__":

@@ -39,13 +39,13 @@ BLUR_TRUNCATE = 3.0  # kernel radius in sigmas of the recipe's largest sigma
 class AugParams:
     """One batch's per-sample draws (N = batch size); identity values where an op is not applied."""
 
-    factors: torch.Tensor      # (N, 3) brightness, contrast, saturation factors; 1 leaves the image alone
+    factors: torch.Tensor  # (N, 3) brightness, contrast, saturation factors; 1 leaves the image alone
     blend_order: torch.Tensor  # (N, 3) permutation of BRIGHTNESS, CONTRAST, SATURATION
-    hue: torch.Tensor          # (N,) hue shift in turns; 0 leaves the image alone
+    hue: torch.Tensor  # (N,) hue shift in turns; 0 leaves the image alone
     hue_position: torch.Tensor  # (N,) how many of the three blend ops come before the hue shift, 0..3
-    grayscale: torch.Tensor    # (N,) bool
-    sigma: torch.Tensor        # (N,) blur sigma; 0 leaves the image alone
-    flip: torch.Tensor         # (N,) bool
+    grayscale: torch.Tensor  # (N,) bool
+    sigma: torch.Tensor  # (N,) blur sigma; 0 leaves the image alone
+    flip: torch.Tensor  # (N,) bool
 
 
 def luma(x: torch.Tensor) -> torch.Tensor:
@@ -80,8 +80,9 @@ def adjust_hue(x: torch.Tensor, hue: torch.Tensor) -> torch.Tensor:
     chroma = value - x.amin(dim=1)
     red_max, green_max = value == r, value == g
     # Hue in sixths of a turn, times chroma: (g - b), 2 + (b - r) or 4 + (r - g) by which channel is largest.
-    sextant = torch.where(red_max, g - b, torch.where(green_max, (b - r).add_(chroma, alpha=2.0),
-                                                      (r - g).add_(chroma, alpha=4.0)))
+    sextant = torch.where(
+        red_max, g - b, torch.where(green_max, (b - r).add_(chroma, alpha=2.0), (r - g).add_(chroma, alpha=4.0))
+    )
     # Where chroma is 0 the numerator is 0 too, so any positive divisor gives hue 0, as torchvision's does.
     sextant.div_(chroma.clamp(min=1e-12)).add_(6.0 * hue.view(-1, 1, 1)).remainder_(6.0)
     channels = []
@@ -92,8 +93,9 @@ def adjust_hue(x: torch.Tensor, hue: torch.Tensor) -> torch.Tensor:
     return torch.stack(channels, dim=1)
 
 
-def color_jitter(x: torch.Tensor, factors: torch.Tensor, blend_order: torch.Tensor, hue: torch.Tensor,
-                 hue_position: torch.Tensor) -> torch.Tensor:
+def color_jitter(
+    x: torch.Tensor, factors: torch.Tensor, blend_order: torch.Tensor, hue: torch.Tensor, hue_position: torch.Tensor
+) -> torch.Tensor:
     """torchvision's ColorJitter with a random op order per sample.
 
     A uniform order of the four ops is a uniform order of the three blend ops plus a uniform position of the
@@ -137,8 +139,9 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Te
     """Per-sample separable Gaussian blur with reflect padding: two depthwise convolutions, one per axis."""
     n, c, h, w = x.shape
     kernels = gaussian_kernels(sigma, radius).repeat_interleave(c, dim=0)  # one kernel per (sample, channel)
-    padded = F.pad(x, (radius, radius, radius, radius), mode="reflect").reshape(1, n * c, h + 2 * radius,
-                                                                                  w + 2 * radius)
+    padded = F.pad(x, (radius, radius, radius, radius), mode="reflect").reshape(
+        1, n * c, h + 2 * radius, w + 2 * radius
+    )
     rows = F.conv2d(padded, kernels.view(n * c, 1, 1, -1), groups=n * c)
     return F.conv2d(rows, kernels.view(n * c, 1, -1, 1), groups=n * c).view(n, c, h, w)
 
@@ -172,16 +175,24 @@ class TwoViewAugment(torch.nn.Module):
         """Draw the parameters of `n` samples, as the reference's RandomApply/ColorJitter/RandomGrayscale do."""
         r = self.recipe
         jittered = self._chance(n, r.jitter_prob)
-        factors = torch.stack([self._uniform(n, max(0.0, 1 - s), 1 + s)
-                               for s in (r.brightness, r.contrast, r.saturation)], dim=1)
+        factors = torch.stack(
+            [self._uniform(n, max(0.0, 1 - s), 1 + s) for s in (r.brightness, r.contrast, r.saturation)], dim=1
+        )
         factors = torch.where(jittered.unsqueeze(1), factors, 1.0)
         blend_order = torch.rand(n, 3, device=self.mean.device, generator=self.generator).argsort(dim=1)
         hue = torch.where(jittered, self._uniform(n, -r.hue, r.hue), 0.0)
         hue_position = (self._uniform(n, 0.0, 4.0).floor_().long()).clamp_(max=3)
         blurred = self._chance(n, r.blur_prob)
         sigma = torch.where(blurred, self._uniform(n, *r.blur_sigma), 0.0)
-        return AugParams(factors, blend_order, hue, hue_position, self._chance(n, r.grayscale_prob), sigma,
-                         self._chance(n, r.flip_prob))
+        return AugParams(
+            factors,
+            blend_order,
+            hue,
+            hue_position,
+            self._chance(n, r.grayscale_prob),
+            sigma,
+            self._chance(n, r.flip_prob),
+        )
 
     def apply(self, x: torch.Tensor, params: AugParams) -> torch.Tensor:
         """Augment and normalise a float [0, 1] NCHW batch (already flipped) with the given parameters."""
@@ -201,4 +212,4 @@ class TwoViewAugment(torch.nn.Module):
         if im_q.dtype == torch.uint8:
             x = x.div_(255.0)
         out = self.apply(x, params)
-        return out[: len(im_q)], out[len(im_q):]
+        return out[: len(im_q)], out[len(im_q) :]

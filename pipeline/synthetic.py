@@ -40,7 +40,14 @@ class SyntheticLoader:
             yield self.batches[step % 2]
 
 
-def build(data, *, batch_size, image_size, device, aug="v2", rank=0, world_size=1, seed=0,
-          dtype=torch.float32, steps=100):
-    return SyntheticLoader(batch_size=batch_size, image_size=image_size, device=device, dtype=dtype,
-                           seed=derive_seed(seed, 0, rank), steps=steps)
+def build(
+    data, *, batch_size, image_size, device, aug="v2", rank=0, world_size=1, seed=0, dtype=torch.float32, steps=100
+):
+    return SyntheticLoader(
+        batch_size=batch_size,
+        image_size=image_size,
+        device=device,
+        dtype=dtype,
+        seed=derive_seed(seed, 0, rank),
+        steps=steps,
+    )

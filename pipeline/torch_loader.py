@@ -21,8 +21,15 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 
 from pipeline.augs import AugRecipe, get_recipe
-from pipeline.common import (DeviceNormalize, check_start_step, default_workers, derive_seed, epoch_shard,
-                             steps_per_epoch, to_uint8_hwc)
+from pipeline.common import (
+    DeviceNormalize,
+    check_start_step,
+    default_workers,
+    derive_seed,
+    epoch_shard,
+    steps_per_epoch,
+    to_uint8_hwc,
+)
 from pipeline.datasets import resolve_dataset
 
 
@@ -119,9 +126,15 @@ class TorchLoader:
         self.sampler = ShardSampler(len(dataset), rank, world_size, seed)
         self.steps = steps_per_epoch(len(dataset), batch_size, world_size)
         self.loader = DataLoader(
-            TwoViewDataset(dataset, transform), batch_size=batch_size, sampler=self.sampler, drop_last=True,
-            num_workers=num_workers, pin_memory=self.device.type == "cuda", persistent_workers=num_workers > 0,
-            prefetch_factor=4 if num_workers > 0 else None, worker_init_fn=LeaveStoppingToTheMainProcess(),
+            TwoViewDataset(dataset, transform),
+            batch_size=batch_size,
+            sampler=self.sampler,
+            drop_last=True,
+            num_workers=num_workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=num_workers > 0,
+            prefetch_factor=4 if num_workers > 0 else None,
+            worker_init_fn=LeaveStoppingToTheMainProcess(),
             # The workers' base seed comes from here, not from the global RNG, whose stream the trainer owns.
             generator=torch.Generator().manual_seed(seed),
         )
@@ -146,11 +159,32 @@ class TorchLoader:
             self.sampler.epoch, self.sampler.start = self.sampler.epoch + 1, 0
 
 
-def build(data, *, batch_size, image_size, device, aug="v2", rank=0, world_size=1, seed=0,
-          dtype=torch.float32, num_workers=None, verify=True):
+def build(
+    data,
+    *,
+    batch_size,
+    image_size,
+    device,
+    aug="v2",
+    rank=0,
+    world_size=1,
+    seed=0,
+    dtype=torch.float32,
+    num_workers=None,
+    verify=True,
+):
     dataset = resolve_dataset(data, "train", image_size, verify)
     recipe = get_recipe(aug)
     workers = default_workers() if num_workers is None else num_workers
     normalize = DeviceNormalize(recipe.mean, recipe.std, device, dtype)
-    return TorchLoader(dataset, view_transform(recipe, image_size), normalize, batch_size=batch_size, device=device,
-                       rank=rank, world_size=world_size, seed=seed, num_workers=workers)
+    return TorchLoader(
+        dataset,
+        view_transform(recipe, image_size),
+        normalize,
+        batch_size=batch_size,
+        device=device,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        num_workers=workers,
+    )

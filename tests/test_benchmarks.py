@@ -12,11 +12,38 @@ from benchmarks.core import record
 from benchmarks.tools.imagenet_like import generate
 
 # One thread: on a shared 2-core machine it is the steadiest setting (see --threads).
-TINY = ["--arch", "resnet_mini_cifar", "--batch-size", "16", "--image-size", "16", "--moco-k", "64",
-        "--steps", "4", "--warmup", "1", "--repeats", "2", "--workers", "0", "--threads", "1"]
+TINY = [
+    "--arch",
+    "resnet_mini_cifar",
+    "--batch-size",
+    "16",
+    "--image-size",
+    "16",
+    "--moco-k",
+    "64",
+    "--steps",
+    "4",
+    "--warmup",
+    "1",
+    "--repeats",
+    "2",
+    "--workers",
+    "0",
+    "--threads",
+    "1",
+]
 # The fused loss (the default) computes the logits inside its "loss" stage, before the queue update.
-STEP_STAGES = ["query_forward", "momentum_update", "shuffle", "key_forward", "unshuffle", "loss", "queue_update",
-               "backward", "optimizer"]
+STEP_STAGES = [
+    "query_forward",
+    "momentum_update",
+    "shuffle",
+    "key_forward",
+    "unshuffle",
+    "loss",
+    "queue_update",
+    "backward",
+    "optimizer",
+]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
@@ -75,8 +102,18 @@ def test_trace_names_the_stages(step_run):
 
 
 def test_loader_suite_measures_several_backends(tmp_path):
-    doc = run(tmp_path, "loader", "loader", "--backend", "synthetic", "torch", "--data", "fashion-mnist",
-              "--png", str(tmp_path / "loaders.png"))
+    doc = run(
+        tmp_path,
+        "loader",
+        "loader",
+        "--backend",
+        "synthetic",
+        "torch",
+        "--data",
+        "fashion-mnist",
+        "--png",
+        str(tmp_path / "loaders.png"),
+    )
     assert_required_fields(doc, "loader")
     assert [r["backend"] for r in doc["results"]] == ["synthetic", "torch"]
     assert doc["results"][1]["cpu_s_per_image"] > 0  # decoding and augmenting cost host CPU
@@ -131,8 +168,28 @@ def test_checkpoint_suite_measures_the_save(tmp_path):
     assert stages["step_alone"] > 0
 
 
-PROFILE = ["--backend", "torch", "--max-workers", "1", "--precision", "bf16", "--batch-size", "16", "--image-size", "16",
-           "--moco-k", "64", "--steps", "3", "--warmup", "1", "--repeats", "2", "--threads", "1"]
+PROFILE = [
+    "--backend",
+    "torch",
+    "--max-workers",
+    "1",
+    "--precision",
+    "bf16",
+    "--batch-size",
+    "16",
+    "--image-size",
+    "16",
+    "--moco-k",
+    "64",
+    "--steps",
+    "3",
+    "--warmup",
+    "1",
+    "--repeats",
+    "2",
+    "--threads",
+    "1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -160,8 +217,17 @@ def profile(tmp_path: Path, *args: str) -> dict:
 
 def test_profile_says_loader_bound_behind_jpeg_decoding(large_jpegs, tmp_path):
     # fp32 asked for: bf16 is measured too, and the command must replace the flag, not add a second value
-    doc = profile(tmp_path, "--data", str(large_jpegs), "--cores", "64", "--precision", "fp32",
-                  "--png", str(tmp_path / "profile.png"))
+    doc = profile(
+        tmp_path,
+        "--data",
+        str(large_jpegs),
+        "--cores",
+        "64",
+        "--precision",
+        "fp32",
+        "--png",
+        str(tmp_path / "profile.png"),
+    )
     assert [v["flags"] for v in doc["step_variants"]] == [[], ["--precision", "bf16"]]
     assert_profile(doc, "loader")
     assert doc["loader_images_per_s"] < doc["step_images_per_s"] and doc["verdict"]["cores_needed"] < 64

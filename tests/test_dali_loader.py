@@ -174,8 +174,13 @@ def test_decoder_preallocation_goes_to_the_mixed_decoder_only(photo_folder, monk
     """DALI's ResNet-50 ImageNet example's preallocation is the default; the CPU decoder takes none of it. The
     graph is only defined here, not built, so the mixed decoder's arguments can be read without a GPU."""
     options = dali(photo_folder).decoder_options
-    assert options == dict(hw_decoder_load=0.65, device_memory_padding=211025920, host_memory_padding=140544512,
-                           preallocate_width_hint=5980, preallocate_height_hint=6430)
+    assert options == dict(
+        hw_decoder_load=0.65,
+        device_memory_padding=211025920,
+        host_memory_padding=140544512,
+        preallocate_width_hint=5980,
+        preallocate_height_hint=6430,
+    )
     calls = []
     real = getattr(fn.decoders, decoder)
     monkeypatch.setattr(fn.decoders, decoder, lambda *args, **kwargs: (calls.append(kwargs), real(*args, **kwargs))[1])
@@ -198,8 +203,18 @@ def test_ranks_read_the_reference_shards(indexed_folder):
     shards = []
     for rank in range(2):
         loader = dali(indexed_folder, aug=CROP_AND_FLIP, rank=rank, world_size=2, seed=3)
-        reference = build_loader("torch", str(indexed_folder), batch_size=8, image_size=16, device="cpu",
-                                 aug=CROP_AND_FLIP, rank=rank, world_size=2, seed=3, num_workers=0)
+        reference = build_loader(
+            "torch",
+            str(indexed_folder),
+            batch_size=8,
+            image_size=16,
+            device="cpu",
+            aug=CROP_AND_FLIP,
+            rank=rank,
+            world_size=2,
+            seed=3,
+            num_workers=0,
+        )
         assert len(loader) == (INDEXED_IMAGES // 2) // 8 == 3
         shards.append(epoch_indices(loader))
         assert shards[-1] == epoch_indices(reference)
@@ -225,8 +240,9 @@ def truncated_jpeg() -> bytes:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("content", [b"\xff\xd8\xff\xe0" + b"not a JPEG body" * 50, truncated_jpeg()],
-                         ids=["garbage", "truncated"])
+@pytest.mark.parametrize(
+    "content", [b"\xff\xd8\xff\xe0" + b"not a JPEG body" * 50, truncated_jpeg()], ids=["garbage", "truncated"]
+)
 def test_a_file_that_fails_to_decode_is_named(tmp_path, device, content):
     """Its header passes the up-front check; DALI's decoder fails on it, and the loader names it."""
     (tmp_path / "class").mkdir()
@@ -278,8 +294,9 @@ def test_fashion_mnist_reads_the_reference_shards(device):
     gives each rank, in its order, with their labels."""
     dataset = resolve_dataset("fashion-mnist", "train", 28)
     for rank in range(2):
-        im_q, _, labels = next(iter(dali("fashion-mnist", image_size=28, device=device, aug=IDENTITY, rank=rank,
-                                         world_size=2, seed=1)))
+        im_q, _, labels = next(
+            iter(dali("fashion-mnist", image_size=28, device=device, aug=IDENTITY, rank=rank, world_size=2, seed=1))
+        )
         indices = [i for i, _ in ShardSampler(len(dataset), rank, 2, seed=1)][:8]
         expected = torch.from_numpy(dataset.images[indices].astype(np.float32)).unsqueeze(1).expand(8, 3, 28, 28)
         assert im_q.device.type == device
@@ -292,8 +309,10 @@ def test_fashion_mnist_reads_the_reference_shards(device):
 
 @pytest.fixture(scope="module")
 def photos():
-    return [Image.fromarray(getattr(skimage.data, name)()[..., :3]).resize((64, 48))
-            for name in ("astronaut", "coffee", "chelsea")]
+    return [
+        Image.fromarray(getattr(skimage.data, name)()[..., :3]).resize((64, 48))
+        for name in ("astronaut", "coffee", "chelsea")
+    ]
 
 
 def run_graph(graph, photos) -> list[np.ndarray]:
@@ -307,15 +326,21 @@ def run_graph(graph, photos) -> list[np.ndarray]:
 
 
 def differences(graph, reference, photos) -> np.ndarray:
-    return np.stack([np.abs(out.astype(int) - np.asarray(reference(p)).astype(int))
-                     for out, p in zip(run_graph(graph, photos), photos)])
+    return np.stack(
+        [
+            np.abs(out.astype(int) - np.asarray(reference(p)).astype(int))
+            for out, p in zip(run_graph(graph, photos), photos)
+        ]
+    )
 
 
 @pytest.mark.parametrize("factor", [0.6, 1.4])
 def test_brightness_contrast_saturation_are_pils(photos, factor):
-    for ours, theirs in ((dali_loader.adjust_brightness, F.adjust_brightness),
-                         (dali_loader.adjust_contrast, F.adjust_contrast),
-                         (dali_loader.adjust_saturation, F.adjust_saturation)):
+    for ours, theirs in (
+        (dali_loader.adjust_brightness, F.adjust_brightness),
+        (dali_loader.adjust_contrast, F.adjust_contrast),
+        (dali_loader.adjust_saturation, F.adjust_saturation),
+    ):
         assert differences(lambda x: ours(x, factor), lambda p: theirs(p, factor), photos).max() <= 1, ours.__name__
 
 
@@ -323,8 +348,13 @@ def test_brightness_contrast_saturation_are_pils(photos, factor):
 def test_hue_is_torchvisions_hexcone_shift(photos, turns):
     """Within one level of torchvision's float HSV shift; as close to its PIL version as that is (PIL's HSV has
     8-bit channels, which leaves up to 8 levels)."""
-    hue = lambda x: dali_loader.adjust_hue(x, turns)
-    tensor_op = lambda p: F.adjust_hue(F.pil_to_tensor(p), turns).permute(1, 2, 0).numpy()
+
+    def hue(x):
+        return dali_loader.adjust_hue(x, turns)
+
+    def tensor_op(p):
+        return F.adjust_hue(F.pil_to_tensor(p), turns).permute(1, 2, 0).numpy()
+
     assert differences(hue, tensor_op, photos).max() <= 1
     against_pil = differences(hue, lambda p: F.adjust_hue(p, turns), photos)
     assert against_pil.mean() < 1 and against_pil.max() <= 8
@@ -338,8 +368,11 @@ def test_grayscale_is_pils(photos):
 def test_blur_matches_pil_away_from_the_border(photos, sigma):
     """Kernels of the same variance (shapes differ a little: PIL stacks boxes); the edges differ (DALI reflects,
     PIL repeats the edge pixel), so 3 sigma of border is left out."""
-    diff = differences(lambda x: dali_loader.gaussian_blur(x, (sigma, sigma)),
-                       lambda p: p.filter(ImageFilter.GaussianBlur(radius=sigma)), photos)
+    diff = differences(
+        lambda x: dali_loader.gaussian_blur(x, (sigma, sigma)),
+        lambda p: p.filter(ImageFilter.GaussianBlur(radius=sigma)),
+        photos,
+    )
     border = int(np.ceil(3 * sigma))
     interior = diff[:, border:-border, border:-border]
     assert interior.max() <= 6 and interior.mean() < 1
@@ -477,7 +510,7 @@ def test_a_batch_is_held_until_the_step_that_reads_it_has_run(photo_folder):
     first, _, _ = next(batches)
     torch.cuda._sleep(1 << 30)  # a step on the batch, still running when the next batch is asked for
     second, _, _ = next(batches)
-    (held, event), = loader.in_flight.held
+    ((held, event),) = loader.in_flight.held
     assert held[0].data_ptr() == first.data_ptr() and not event.query()
     torch.cuda._sleep(1 << 30)
     batches.close()

@@ -55,13 +55,27 @@ def _worker(rank, world_size, port, out_dir):
     with CopyCounter() as copies:
         gathered_cl = concat_all_gather(x_cl)
         shuffled_cl, _ = moco._batch_shuffle_ddp(x_cl)
-    layouts = dict(gathered=gathered_cl.is_contiguous(memory_format=torch.channels_last),
-                   shuffled=shuffled_cl.is_contiguous(memory_format=torch.channels_last),
-                   copies=[row["op"] for row in copies.rows() if row["op"] != "index"])
-    torch.save(dict(gathered_cl=gathered_cl, layouts=layouts, shuffle_mode=moco.shuffle, queue=moco.queue,
-                    ptr=int(moco.queue_ptr), enqueued=enqueued, x=x,
-                    shuffled=shuffled, round_trip=round_trip, keys_shuffled_bn=keys_shuffled_bn,
-                    keys_direct=keys_direct), os.path.join(out_dir, f"rank{rank}.pt"))
+    layouts = dict(
+        gathered=gathered_cl.is_contiguous(memory_format=torch.channels_last),
+        shuffled=shuffled_cl.is_contiguous(memory_format=torch.channels_last),
+        copies=[row["op"] for row in copies.rows() if row["op"] != "index"],
+    )
+    torch.save(
+        dict(
+            gathered_cl=gathered_cl,
+            layouts=layouts,
+            shuffle_mode=moco.shuffle,
+            queue=moco.queue,
+            ptr=int(moco.queue_ptr),
+            enqueued=enqueued,
+            x=x,
+            shuffled=shuffled,
+            round_trip=round_trip,
+            keys_shuffled_bn=keys_shuffled_bn,
+            keys_direct=keys_direct,
+        ),
+        os.path.join(out_dir, f"rank{rank}.pt"),
+    )
     dist.destroy_process_group()
 
 

@@ -26,21 +26,66 @@ def free_port() -> int:
 
 def train_args(data, out, *extra):
     """Two epochs of 50 steps on two ranks (global batch 32); a checkpoint every 10 steps."""
-    return [str(ROOT / "train.py"), "--data", data, "--epochs", "2", "--batch-size", "32", "--moco-k", "64",
-            "--image-size", "16", "--workers", "1", "--knn-every", "0", "--print-freq", "5",
-            "--checkpoint-minutes", "0", "--out", str(out), *extra]
+    return [
+        str(ROOT / "train.py"),
+        "--data",
+        data,
+        "--epochs",
+        "2",
+        "--batch-size",
+        "32",
+        "--moco-k",
+        "64",
+        "--image-size",
+        "16",
+        "--workers",
+        "1",
+        "--knn-every",
+        "0",
+        "--print-freq",
+        "5",
+        "--checkpoint-minutes",
+        "0",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def standalone(data, out, *extra):
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            *train_args(data, out, *extra)]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        *train_args(data, out, *extra),
+    ]
 
 
 def node(data, out, port, *extra):
     """One of two simulated nodes on this machine: c10d rendezvous, one rank each, one restart allowed."""
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
-            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "elastic-test",
-            "--max-restarts", "1", "--monitor-interval", "0.5", *train_args(data, out, *extra)]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "2",
+        "--nproc_per_node",
+        "1",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{port}",
+        "--rdzv-id",
+        "elastic-test",
+        "--max-restarts",
+        "1",
+        "--monitor-interval",
+        "0.5",
+        *train_args(data, out, *extra),
+    ]
 
 
 def start(command, own_store: bool = True) -> subprocess.Popen:
@@ -51,8 +96,9 @@ def start(command, own_store: bool = True) -> subprocess.Popen:
     env.pop("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", None)
     if own_store:
         env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
-    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, env=env)
+    return subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env
+    )
 
 
 def ranks_of(launcher: subprocess.Popen) -> list[psutil.Process]:
@@ -112,8 +158,9 @@ def test_sigterm_to_every_rank_stops_them_at_one_step_and_resumes_exactly(small_
 
 def test_kill_9_of_one_rank_is_an_elastic_restart_that_continues_exactly(small_fashion, never_stopped, tmp_path):
     port = free_port()
-    nodes = [start(node(small_fashion, tmp_path, port, "--checkpoint-steps", "10", "--resume", "auto"))
-             for _ in range(2)]
+    nodes = [
+        start(node(small_fashion, tmp_path, port, "--checkpoint-steps", "10", "--resume", "auto")) for _ in range(2)
+    ]
     wait_for(lambda: (tmp_path / "checkpoint_last.pth.tar").exists())
     time.sleep(1.0)
     victim = ranks_of(nodes[1])
@@ -134,7 +181,9 @@ def test_restarts_under_torchruns_shared_store_are_refused_at_start(small_fashio
     outputs = [finish(n, timeout=180) for n in nodes]
     assert all(n.returncode != 0 for n in nodes), "\n".join(o[-3000:] for o in outputs)
     assert time.monotonic() - started < 150
-    refusal = ("error: torchrun --max-restarts with its shared rendezvous store hangs the restarted ranks "
-               "(pytorch/pytorch#135712): launch it with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1")
+    refusal = (
+        "error: torchrun --max-restarts with its shared rendezvous store hangs the restarted ranks "
+        "(pytorch/pytorch#135712): launch it with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"
+    )
     assert all(refusal in o.splitlines() for o in outputs), "\n".join(o[-3000:] for o in outputs)
     assert not list(tmp_path.glob("checkpoint*")) and not (tmp_path / "metrics.jsonl").exists()

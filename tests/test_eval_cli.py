@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import fashion_mnist_subset
 from PIL import Image
 
 import model.checkpoint
-from conftest import fashion_mnist_subset
 from engine.checkpoint import CheckpointWriter
-from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, with_prefix
-from engine.config import to_dict
 from engine.cli import parse_config
+from engine.config import to_dict
 from evaluation import export, lincls
+from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, with_prefix
 from model.moco import MoCo
 from model.resnet import build_encoder
 
@@ -44,8 +44,9 @@ def moco_checkpoint(path: Path, train_argv: list[str] | None) -> Path:
 
 @pytest.fixture(scope="module")
 def trained_at_16(fashion, tmp_path_factory) -> Path:
-    return moco_checkpoint(tmp_path_factory.mktemp("ckpt") / "checkpoint_last.pth.tar",
-                           ["--data", fashion, "--image-size", "16"])
+    return moco_checkpoint(
+        tmp_path_factory.mktemp("ckpt") / "checkpoint_last.pth.tar", ["--data", fashion, "--image-size", "16"]
+    )
 
 
 def probe(argv: list[str], capsys, tmp_path) -> tuple[int, dict | None, list[str]]:
@@ -58,8 +59,10 @@ def probe(argv: list[str], capsys, tmp_path) -> tuple[int, dict | None, list[str
 
 # lincls probes the checkpoint's data by default.
 
-def test_lincls_probes_the_data_and_image_size_the_checkpoint_was_trained_with(trained_at_16, fashion, capsys,
-                                                                                tmp_path):
+
+def test_lincls_probes_the_data_and_image_size_the_checkpoint_was_trained_with(
+    trained_at_16, fashion, capsys, tmp_path
+):
     code, result, err = probe([str(trained_at_16)], capsys, tmp_path)
     assert code == 0 and err == []
     assert (result["data"], result["image_size"]) == (fashion, 16)
@@ -67,8 +70,10 @@ def test_lincls_probes_the_data_and_image_size_the_checkpoint_was_trained_with(t
 
 
 def test_lincls_probes_the_kNN_data_of_a_run_trained_on_unlabelled_data(fashion, capsys, tmp_path):
-    ckpt = moco_checkpoint(tmp_path / "c.pth.tar", ["--data", "train.beton", "--loader", "ffcv", "--knn-data",
-                                                    fashion, "--image-size", "16"])
+    ckpt = moco_checkpoint(
+        tmp_path / "c.pth.tar",
+        ["--data", "train.beton", "--loader", "ffcv", "--knn-data", fashion, "--image-size", "16"],
+    )
     code, result, err = probe([str(ckpt)], capsys, tmp_path)
     assert code == 0 and err == []
     assert (result["data"], result["image_size"]) == (fashion, 16)
@@ -77,18 +82,22 @@ def test_lincls_probes_the_kNN_data_of_a_run_trained_on_unlabelled_data(fashion,
 def test_lincls_without_labelled_data_asks_for_data(tmp_path, capsys):
     ckpt = moco_checkpoint(tmp_path / "c.pth.tar", ["--data", "train.beton", "--loader", "ffcv"])
     assert lincls.main([str(ckpt)]) == 2
-    assert capsys.readouterr().err == (f"error: checkpoint {ckpt} was trained on train.beton, which has no labels, "
-                                       "and names no --knn-data; give --data\n")
+    assert capsys.readouterr().err == (
+        f"error: checkpoint {ckpt} was trained on train.beton, which has no labels, "
+        "and names no --knn-data; give --data\n"
+    )
 
 
 @pytest.mark.parametrize("other_data, image_size", [(False, 20), (True, 16), (True, 20)])
-def test_lincls_states_other_data_than_the_checkpoints_in_one_notice(trained_at_16, fashion, tmp_path, capsys,
-                                                                      other_data, image_size):
+def test_lincls_states_other_data_than_the_checkpoints_in_one_notice(
+    trained_at_16, fashion, tmp_path, capsys, other_data, image_size
+):
     data = fashion_mnist_subset(tmp_path / "other", 200, 100) if other_data else fashion
     code, result, err = probe([str(trained_at_16), "--data", data, "--image-size", str(image_size)], capsys, tmp_path)
     assert code == 0 and (result["data"], result["image_size"]) == (data, image_size)
-    assert err == [f"notice: probing {data} at {image_size} px; checkpoint {trained_at_16} was trained on {fashion} "
-                   "at 16 px"]
+    assert err == [
+        f"notice: probing {data} at {image_size} px; checkpoint {trained_at_16} was trained on {fashion} at 16 px"
+    ]
 
 
 def test_lincls_asked_for_the_checkpoints_own_data_says_nothing(trained_at_16, fashion, tmp_path, capsys):
@@ -102,8 +111,10 @@ def test_lincls_on_a_checkpoint_without_config_falls_back_and_says_so(fashion, t
     code, result, err = probe([str(ckpt)], capsys, tmp_path)
     assert code == 0
     assert (result["data"], result["image_size"]) == (fashion, 28)
-    assert err == [f"notice: checkpoint {ckpt} does not record the data it was trained on (train.py did not write "
-                   f"it); probing {fashion} at 28 px"]
+    assert err == [
+        f"notice: checkpoint {ckpt} does not record the data it was trained on (train.py did not write "
+        f"it); probing {fashion} at 28 px"
+    ]
 
 
 def test_lincls_help_shows_every_default(capsys):
@@ -112,8 +123,19 @@ def test_lincls_help_shows_every_default(capsys):
     assert exit.value.code == 0
     options = re.split(r"\n  (?=-)", capsys.readouterr().out.split("options:")[1])  # an entry per flag
     entries = {entry.split()[0]: " ".join(entry.split()) for entry in options if entry.startswith("--")}
-    assert set(entries) == {"--data", "--arch", "--image-size", "--epochs", "--lr", "--schedule", "--batch-size",
-                            "--train-samples", "--device", "--seed", "--json"}
+    assert set(entries) == {
+        "--data",
+        "--arch",
+        "--image-size",
+        "--epochs",
+        "--lr",
+        "--schedule",
+        "--batch-size",
+        "--train-samples",
+        "--device",
+        "--seed",
+        "--json",
+    }
     for flag, entry in entries.items():
         assert entry.count("default") == 1, entry
     assert "(default: the checkpoint's kNN data, else its training data; fashion-mnist if" in entries["--data"]
@@ -121,27 +143,35 @@ def test_lincls_help_shows_every_default(capsys):
     assert "(default: 100)" in entries["--epochs"] and "(default: [60, 80])" in entries["--schedule"]
 
 
-@pytest.mark.parametrize("arch, state, reason", [
-    ("resnet18", None, "48 weights missing (e.g. layer1.1.conv1.weight); 60 weights of another shape (e.g. "
-                       "conv1.weight)"),
-    (None, "torchvision", "it holds no query encoder weights (module.encoder_q.*)"),
-])
-def test_lincls_rejects_a_checkpoint_that_does_not_fit_the_encoder_in_one_line(trained_at_16, tmp_path, capsys,
-                                                                                arch, state, reason):
+@pytest.mark.parametrize(
+    "arch, state, reason",
+    [
+        (
+            "resnet18",
+            None,
+            "48 weights missing (e.g. layer1.1.conv1.weight); 60 weights of another shape (e.g. conv1.weight)",
+        ),
+        (None, "torchvision", "it holds no query encoder weights (module.encoder_q.*)"),
+    ],
+)
+def test_lincls_rejects_a_checkpoint_that_does_not_fit_the_encoder_in_one_line(
+    trained_at_16, tmp_path, capsys, arch, state, reason
+):
     ckpt = trained_at_16
     if state == "torchvision":  # an encoder's own state dict where the MoCo one belongs
         ckpt = tmp_path / "plain.pth.tar"
         torch.save(dict(epoch=1, arch=ARCH, state_dict=build_encoder(ARCH, 128).state_dict()), ckpt)
     assert lincls.main([str(ckpt), *(["--arch", arch] if arch else [])]) == 2
-    assert capsys.readouterr().err == (f"error: checkpoint {ckpt} (arch {ARCH}) does not fit the {arch or ARCH} "
-                                       f"encoder: {reason}\n")
+    assert capsys.readouterr().err == (
+        f"error: checkpoint {ckpt} (arch {ARCH}) does not fit the {arch or ARCH} encoder: {reason}\n"
+    )
 
 
 # export to a path that cannot take the file.
 
+
 @pytest.mark.parametrize("fmt", ["torchvision", "detectron2"])
-def test_export_to_a_missing_folder_or_a_folder_is_one_line_and_writes_nothing(trained_at_16, tmp_path, capsys,
-                                                                                fmt):
+def test_export_to_a_missing_folder_or_a_folder_is_one_line_and_writes_nothing(trained_at_16, tmp_path, capsys, fmt):
     missing = tmp_path / "missing_dir" / "x.pth"
     assert export.main([str(trained_at_16), str(missing), "--format", fmt]) == 2
     assert capsys.readouterr().err == f"error: cannot write {missing}: the folder {missing.parent} does not exist\n"
@@ -162,6 +192,7 @@ def test_export_that_fails_while_writing_leaves_nothing_behind(trained_at_16, tm
 
 
 # A file that is not a checkpoint, without torch's advice to unpickle it anyway.
+
 
 def jpeg(path: Path) -> Path:
     Image.new("RGB", (8, 8)).save(path, "JPEG")
@@ -189,13 +220,19 @@ def run_cli(cli: str, path: Path, tmp_path: Path) -> int:
 
 
 @pytest.mark.parametrize("cli", ["lincls", "export"])
-@pytest.mark.parametrize("make, message", [
-    (jpeg, "{} is not a checkpoint: torch.save did not write it (it is another kind of file, or corrupt)"),
-    (metrics_jsonl, "{} is not a checkpoint: torch.save did not write it (it is another kind of file, or corrupt)"),
-    (truncated_checkpoint, "checkpoint {} is corrupt or truncated"),
-    (foreign_objects, "{} holds objects other than tensors and plain data (fractions.Fraction): it is not a "
-                      "checkpoint this project wrote"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (jpeg, "{} is not a checkpoint: torch.save did not write it (it is another kind of file, or corrupt)"),
+        (metrics_jsonl, "{} is not a checkpoint: torch.save did not write it (it is another kind of file, or corrupt)"),
+        (truncated_checkpoint, "checkpoint {} is corrupt or truncated"),
+        (
+            foreign_objects,
+            "{} holds objects other than tensors and plain data (fractions.Fraction): it is not a "
+            "checkpoint this project wrote",
+        ),
+    ],
+)
 def test_a_file_that_is_not_a_checkpoint_is_one_line_without_unsafe_advice(tmp_path, capsys, cli, make, message):
     path = make(tmp_path / "input")
     assert run_cli(cli, path, tmp_path) == 2

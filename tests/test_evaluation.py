@@ -12,8 +12,22 @@ from evaluation import export, lincls
 from evaluation.knn import knn_top1
 from model.resnet import build_encoder
 
-TINY = ["--epochs", "1", "--max-steps", "2", "--batch-size", "32", "--moco-k", "64", "--image-size", "16",
-        "--workers", "0", "--knn-every", "0"]
+TINY = [
+    "--epochs",
+    "1",
+    "--max-steps",
+    "2",
+    "--batch-size",
+    "32",
+    "--moco-k",
+    "64",
+    "--image-size",
+    "16",
+    "--workers",
+    "0",
+    "--knn-every",
+    "0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -39,20 +53,44 @@ def test_detectron2_export_uses_the_official_names(checkpoint, tmp_path):
         obj = pickle.load(f)
     assert obj["__author__"] == "MOCO" and obj["matching_heuristics"] is True
     keys = set(obj["model"])
-    for expected in ["stem.conv1.weight", "stem.conv1.norm.weight", "stem.conv1.norm.running_mean",
-                     "res2.0.conv1.weight", "res2.0.conv1.norm.bias", "res3.0.shortcut.weight",
-                     "res3.0.shortcut.norm.running_var", "res5.0.conv2.norm.weight", "stem.fc.0.weight"]:
+    for expected in [
+        "stem.conv1.weight",
+        "stem.conv1.norm.weight",
+        "stem.conv1.norm.running_mean",
+        "res2.0.conv1.weight",
+        "res2.0.conv1.norm.bias",
+        "res3.0.shortcut.weight",
+        "res3.0.shortcut.norm.running_var",
+        "res5.0.conv2.norm.weight",
+        "stem.fc.0.weight",
+    ]:
         assert expected in keys, expected
     assert not any(k.startswith(("module", "layer")) or "bn" in k for k in keys)
     source = torch.load(checkpoint)["state_dict"]
-    assert (obj["model"]["res3.0.shortcut.norm.running_var"]
-            == source["module.encoder_q.layer2.0.downsample.1.running_var"].numpy()).all()
+    assert (
+        obj["model"]["res3.0.shortcut.norm.running_var"]
+        == source["module.encoder_q.layer2.0.downsample.1.running_var"].numpy()
+    ).all()
 
 
 def test_linear_probe_learns_fashion_mnist(checkpoint, tmp_path):
     result_path = tmp_path / "probe.json"
-    args = [str(checkpoint), "--image-size", "16", "--epochs", "10", "--schedule", "6", "8", "--lr", "1.0",
-            "--train-samples", "2000", "--json", str(result_path)]
+    args = [
+        str(checkpoint),
+        "--image-size",
+        "16",
+        "--epochs",
+        "10",
+        "--schedule",
+        "6",
+        "8",
+        "--lr",
+        "1.0",
+        "--train-samples",
+        "2000",
+        "--json",
+        str(result_path),
+    ]
     assert lincls.main(args) == 0
     assert json.loads(result_path.read_text())["top1"] > 50.0  # 10 classes: chance is 10%
 

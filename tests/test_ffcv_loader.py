@@ -18,20 +18,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import requires_cuda
 from ffcv.fields import FloatField, IntField, RGBImageField
 from ffcv.reader import Reader
 from ffcv.writer import DatasetWriter
 from PIL import Image
 from scipy import stats
 
-from conftest import requires_cuda
-from pipeline import build_loader
+from pipeline import build_loader, ffcv_writer
 from pipeline.augs import get_recipe
 from pipeline.common import steps_per_epoch
 from pipeline.datasets import FASHION_MNIST_DIR, resolve_dataset
 from pipeline.errors import DataError
 from pipeline.ffcv_loader import field_values
-from pipeline import ffcv_writer
 from pipeline.ffcv_writer import IMAGE_FIELD, LABEL_FIELD, write_beton
 from pipeline.torch_loader import ShardSampler
 
@@ -44,12 +43,14 @@ ALPHA = 1e-4  # FFCV's crops cannot be seeded, so its statistical checks may fai
 
 # numba (0.68) raises a harmless KeyError while freeing FFCV's compiled functions when a loader is collected.
 pytestmark = pytest.mark.filterwarnings(
-    "ignore:Exception ignored in. <finalize object:pytest.PytestUnraisableExceptionWarning")
+    "ignore:Exception ignored in. <finalize object:pytest.PytestUnraisableExceptionWarning"
+)
 
 # Crop, flip and grayscale at values unlike the defaults, so a loader that ignores the recipe fails; no jitter
 # or blur, so the coordinates survive.
-RECIPE = replace(get_recipe("v2"), crop_scale=(0.3, 0.9), flip_prob=0.3, grayscale_prob=0.3,
-                 jitter_prob=0.0, blur_prob=0.0)
+RECIPE = replace(
+    get_recipe("v2"), crop_scale=(0.3, 0.9), flip_prob=0.3, grayscale_prob=0.3, jitter_prob=0.0, blur_prob=0.0
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -92,7 +93,7 @@ class Views:
     steps: int
     batches_per_epoch: list[int]
     first_batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-    q: np.ndarray       # (epochs * images, 3, SIZE, SIZE)
+    q: np.ndarray  # (epochs * images, 3, SIZE, SIZE)
     k: np.ndarray
     labels: np.ndarray  # (epochs * images,)
 
@@ -113,25 +114,36 @@ def collect(loader) -> Views:
         counts.append(len(epoch))
         batches += epoch
     q, k, labels = zip(*batches)
-    return Views(len(loader), counts, batches[0], unnormalise(torch.cat(q)), unnormalise(torch.cat(k)),
-                 torch.cat(labels).numpy())
+    return Views(
+        len(loader), counts, batches[0], unnormalise(torch.cat(q)), unnormalise(torch.cat(k)), torch.cat(labels).numpy()
+    )
 
 
 @pytest.fixture(scope="module", params=["once", "twice"], ids=lambda decode: f"decode-{decode}")
 def ffcv_views(raw_beton, request) -> Views:
-    loader = build_loader("ffcv", str(raw_beton), batch_size=BATCH, image_size=SIZE, device="cpu", aug=RECIPE,
-                          num_workers=2, decode=request.param)
+    loader = build_loader(
+        "ffcv",
+        str(raw_beton),
+        batch_size=BATCH,
+        image_size=SIZE,
+        device="cpu",
+        aug=RECIPE,
+        num_workers=2,
+        decode=request.param,
+    )
     return collect(loader)
 
 
 @pytest.fixture(scope="module")
 def torch_views(image_folder) -> Views:
-    loader = build_loader("torch", str(image_folder), batch_size=BATCH, image_size=SIZE, device="cpu", aug=RECIPE,
-                          num_workers=0)
+    loader = build_loader(
+        "torch", str(image_folder), batch_size=BATCH, image_size=SIZE, device="cpu", aug=RECIPE, num_workers=0
+    )
     return collect(loader)
 
 
 # --- measuring views -------------------------------------------------------------------------------------
+
 
 def is_gray(views: np.ndarray) -> np.ndarray:
     return np.abs(views.max(axis=1) - views.min(axis=1)).max(axis=(1, 2)) < 1.0
@@ -166,6 +178,7 @@ def assert_rates_agree(hits_a: np.ndarray, hits_b: np.ndarray, expected: float) 
 
 
 # --- writer ----------------------------------------------------------------------------------------------
+
 
 def test_writer_round_trip_keeps_images_labels_and_resolution(image_folder, tmp_path):
     out = tmp_path / "jpeg.beton"
@@ -239,6 +252,7 @@ def test_writer_survives_a_dead_worker_once_and_never_hangs(tmp_path, monkeypatc
 
 # --- bad .beton files ------------------------------------------------------------------------------------
 
+
 def build_ffcv(path: Path):
     return build_loader("ffcv", str(path), batch_size=BATCH, image_size=SIZE, device="cpu")
 
@@ -251,8 +265,11 @@ def test_missing_file_is_a_data_error(tmp_path):
 @pytest.mark.parametrize("damage", ["empty", "random bytes", "truncated"])
 def test_corrupt_file_is_a_data_error(raw_beton, tmp_path, damage):
     content = raw_beton.read_bytes()
-    damaged = {"empty": b"", "random bytes": np.random.default_rng(0).bytes(100_000),
-               "truncated": content[: len(content) // 2]}[damage]
+    damaged = {
+        "empty": b"",
+        "random bytes": np.random.default_rng(0).bytes(100_000),
+        "truncated": content[: len(content) // 2],
+    }[damage]
     path = tmp_path / "damaged.beton"
     path.write_bytes(damaged)
     with pytest.raises(DataError, match="damaged.beton"):
@@ -264,8 +281,9 @@ def test_unknown_decode_strategy(raw_beton):
         build_loader("ffcv", str(raw_beton), batch_size=BATCH, image_size=SIZE, device="cpu", decode="thrice")
 
 
-@pytest.mark.parametrize("fields", [{"image": RGBImageField(), "target": IntField()},
-                                    {"image": RGBImageField(), "label": FloatField()}])
+@pytest.mark.parametrize(
+    "fields", [{"image": RGBImageField(), "target": IntField()}, {"image": RGBImageField(), "label": FloatField()}]
+)
 def test_wrong_fields_are_a_data_error(tmp_path, fields):
     path = tmp_path / "foreign.beton"
     samples = [(np.zeros((8, 8, 3), dtype=np.uint8), 1)] * 4
@@ -275,6 +293,7 @@ def test_wrong_fields_are_a_data_error(tmp_path, fields):
 
 
 # --- the loader contract ---------------------------------------------------------------------------------
+
 
 def test_contract_shapes_dtype_layout_device_and_values(ffcv_views):
     im_q, im_k, labels = ffcv_views.first_batch
@@ -307,8 +326,18 @@ def test_contract_labels_and_view_pairs_match_their_image(ffcv_views):
 def test_ranks_read_disjoint_shards_of_the_reference_permutation(raw_beton):
     """Rank 1 of 2 reads exactly the torch loader's rank-1 shard, epoch by epoch, set_epoch included."""
     world, seed, batch = 2, 5, 10
-    loader = build_loader("ffcv", str(raw_beton), batch_size=batch, image_size=16, device="cpu", rank=1,
-                          world_size=world, seed=seed, aug=replace(RECIPE, grayscale_prob=0.0), num_workers=2)
+    loader = build_loader(
+        "ffcv",
+        str(raw_beton),
+        batch_size=batch,
+        image_size=16,
+        device="cpu",
+        rank=1,
+        world_size=world,
+        seed=seed,
+        aug=replace(RECIPE, grayscale_prob=0.0),
+        num_workers=2,
+    )
     assert len(loader) == steps_per_epoch(IMAGES, batch, world)
     loader.set_epoch(3)
     for epoch in (3, 4):
@@ -323,6 +352,7 @@ def test_ranks_read_disjoint_shards_of_the_reference_permutation(raw_beton):
 
 
 # --- augmentation statistics against the reference -------------------------------------------------------
+
 
 def test_grayscale_rate_matches_reference(ffcv_views, torch_views):
     assert_rates_agree(is_gray(ffcv_views.all), is_gray(torch_views.all), RECIPE.grayscale_prob)
@@ -344,8 +374,16 @@ def test_crop_area_distribution_matches_reference(ffcv_views, torch_views):
 @pytest.mark.gpu
 @requires_cuda
 def test_contract_on_cuda(raw_beton):
-    loader = build_loader("ffcv", str(raw_beton), batch_size=BATCH, image_size=SIZE, device="cuda", aug="v2",
-                          dtype=torch.bfloat16, num_workers=2)
+    loader = build_loader(
+        "ffcv",
+        str(raw_beton),
+        batch_size=BATCH,
+        image_size=SIZE,
+        device="cuda",
+        aug="v2",
+        dtype=torch.bfloat16,
+        num_workers=2,
+    )
     im_q, im_k, labels = next(iter(loader))
     for view in (im_q, im_k):
         assert view.device.type == "cuda" and view.dtype == torch.bfloat16

@@ -40,14 +40,24 @@ class Stderr(threading.Thread):
 
 # Ctrl-C in a terminal (SIGINT to the whole group: the workers get it too), a scheduler's SIGTERM to the writer
 # alone (which then has to end the workers itself), and SIGINT to the writer alone (the same path as SIGTERM).
-@pytest.mark.parametrize("target, signum", [("group", signal.SIGINT), ("parent", signal.SIGTERM),
-                                            pytest.param("parent", signal.SIGINT, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "target, signum",
+    [
+        ("group", signal.SIGINT),
+        ("parent", signal.SIGTERM),
+        pytest.param("parent", signal.SIGINT, marks=pytest.mark.slow),
+    ],
+)
 def test_a_signal_mid_write_stops_it_in_one_line_and_leaves_nothing(tmp_path, target, signum):
     """Each case is a writer's start-up (about 10 s of imports on 2 cores) and a few seconds of writing."""
     out = tmp_path / "train.beton"
-    process = subprocess.Popen([sys.executable, "-m", "pipeline.ffcv_writer", "fashion-mnist", str(out),
-                                "--workers", "2"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               start_new_session=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.ffcv_writer", "fashion-mnist", str(out), "--workers", "2"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     stderr = Stderr(process)
     stderr.start()
     try:

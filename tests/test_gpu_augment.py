@@ -11,15 +11,26 @@ import pytest
 import torch
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
+from conftest import requires_cuda
 from PIL import Image
 from scipy import stats
 
 from benchmarks.core.diagnostics import HostReads
 from benchmarks.core.host import torch_threads
-from conftest import requires_cuda
 from pipeline.augs import get_recipe
-from pipeline.gpu_augment import (BLUR_TRUNCATE, BRIGHTNESS, CONTRAST, SATURATION, TwoViewAugment, adjust_hue,
-                                  blend, color_jitter, flip_horizontally, gaussian_blur, to_grayscale)
+from pipeline.gpu_augment import (
+    BLUR_TRUNCATE,
+    BRIGHTNESS,
+    CONTRAST,
+    SATURATION,
+    TwoViewAugment,
+    adjust_hue,
+    blend,
+    color_jitter,
+    flip_horizontally,
+    gaussian_blur,
+    to_grayscale,
+)
 
 TOLERANCE = 1e-5
 BLEND_REFERENCES = {BRIGHTNESS: TF.adjust_brightness, CONTRAST: TF.adjust_contrast, SATURATION: TF.adjust_saturation}
@@ -50,8 +61,9 @@ def test_blend_ops_match_torchvision(images, op):
 
 def test_adjust_hue_matches_torchvision(images):
     shifts = torch.tensor([-0.5, -0.3, -0.1, 0.0, 0.05, 0.2, 0.4, 0.5])
-    torch.testing.assert_close(adjust_hue(images, shifts), per_sample(TF.adjust_hue, images, shifts),
-                               atol=TOLERANCE, rtol=0)
+    torch.testing.assert_close(
+        adjust_hue(images, shifts), per_sample(TF.adjust_hue, images, shifts), atol=TOLERANCE, rtol=0
+    )
 
 
 def test_color_jitter_applies_each_samples_own_order():
@@ -91,8 +103,9 @@ def test_gaussian_blur_matches_torchvision(images):
     sigma = torch.tensor([0.1, 0.5, 1.0, 2.0, 0.0, 1.7, 0.3, 0.0])
     radius = 6
     out = gaussian_blur(images, sigma, radius)
-    expected = torch.stack([TF.gaussian_blur(img, [2 * radius + 1] * 2, [float(s)] * 2) if s > 0 else img
-                            for img, s in zip(images, sigma)])
+    expected = torch.stack(
+        [TF.gaussian_blur(img, [2 * radius + 1] * 2, [float(s)] * 2) if s > 0 else img for img, s in zip(images, sigma)]
+    )
     torch.testing.assert_close(out, expected, atol=TOLERANCE, rtol=0)
     assert torch.equal(out[sigma == 0], images[sigma == 0])
 
@@ -122,8 +135,12 @@ def test_sampled_parameters_follow_the_recipe():
 def test_forward_contract():
     size, batch = 24, 6
     gen = torch.Generator().manual_seed(3)
-    im_q, im_k = (torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=gen)
-                  .contiguous(memory_format=torch.channels_last) for _ in range(2))
+    im_q, im_k = (
+        torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=gen).contiguous(
+            memory_format=torch.channels_last
+        )
+        for _ in range(2)
+    )
     outputs = {}
     for name, inputs in {"uint8": (im_q, im_k), "float": (im_q / 255.0, im_k / 255.0)}.items():
         augment = TwoViewAugment("v2", device="cpu", dtype=torch.bfloat16, seed=7)
@@ -157,12 +174,15 @@ def torchvision_random_ops(recipe) -> T.Compose:
     brightness per op); on float tensors they are the exact semantics this module implements.
     """
     radius = math.ceil(BLUR_TRUNCATE * recipe.blur_sigma[1])
-    return T.Compose([
-        T.RandomApply([T.ColorJitter(recipe.brightness, recipe.contrast, recipe.saturation, recipe.hue)],
-                      p=recipe.jitter_prob),
-        T.RandomGrayscale(recipe.grayscale_prob),
-        T.RandomApply([T.GaussianBlur(2 * radius + 1, recipe.blur_sigma)], p=recipe.blur_prob),
-    ])
+    return T.Compose(
+        [
+            T.RandomApply(
+                [T.ColorJitter(recipe.brightness, recipe.contrast, recipe.saturation, recipe.hue)], p=recipe.jitter_prob
+            ),
+            T.RandomGrayscale(recipe.grayscale_prob),
+            T.RandomApply([T.GaussianBlur(2 * radius + 1, recipe.blur_sigma)], p=recipe.blur_prob),
+        ]
+    )
 
 
 @pytest.mark.parametrize("aug", ["v1", "v2"])

@@ -20,13 +20,21 @@ from pipeline.ffcv_loader import field_values
 from pipeline.ffcv_writer import IMAGE_FIELD, LABEL_FIELD, write_beton
 
 SIDE = 16
-IDENTITY = dataclasses.replace(get_recipe("v2"), crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), jitter_prob=0.0,
-                               grayscale_prob=0.0, blur_prob=0.0, flip_prob=0.0)
+IDENTITY = dataclasses.replace(
+    get_recipe("v2"),
+    crop_scale=(1.0, 1.0),
+    crop_ratio=(1.0, 1.0),
+    jitter_prob=0.0,
+    grayscale_prob=0.0,
+    blur_prob=0.0,
+    flip_prob=0.0,
+)
 LOADERS = ["torch", "dali", "ffcv-writer", "eval"]
 
 # numba (0.68) raises a harmless KeyError while freeing FFCV's compiled functions when a loader is collected.
 pytestmark = pytest.mark.filterwarnings(
-    "ignore:Exception ignored in. <finalize object:pytest.PytestUnraisableExceptionWarning")
+    "ignore:Exception ignored in. <finalize object:pytest.PytestUnraisableExceptionWarning"
+)
 
 
 def read_images(loader: str, root, tmp_path) -> dict[int, list[np.ndarray]]:
@@ -48,11 +56,19 @@ def read_images(loader: str, root, tmp_path) -> dict[int, list[np.ndarray]]:
             images.setdefault(int(label), []).append(pixels.reshape(int(field["height"]), int(field["width"]), 3))
         return images
     if loader == "eval":
-        batches = build_eval_loader(str(root), "train", image_size=SIDE - 2, batch_size=1, device="cpu",
-                                    num_workers=0)()
+        batches = build_eval_loader(
+            str(root), "train", image_size=SIDE - 2, batch_size=1, device="cpu", num_workers=0
+        )()
     else:
-        built = build_loader(loader, str(root), batch_size=1, image_size=SIDE, device="cpu", aug=IDENTITY,
-                             num_workers=1 if loader == "dali" else 0)
+        built = build_loader(
+            loader,
+            str(root),
+            batch_size=1,
+            image_size=SIDE,
+            device="cpu",
+            aug=IDENTITY,
+            num_workers=1 if loader == "dali" else 0,
+        )
         batches = ((im_q, labels) for im_q, _, labels in built)
     mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
     for views, labels in batches:
@@ -69,12 +85,15 @@ def expected(loader: str, image: np.ndarray) -> np.ndarray:
 
 # --- 16-bit PNGs ---------------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def sixteen_bit_folder(tmp_path_factory):
     """A 16-bit grayscale PNG (class 0) and a 16-bit RGB one (class 1), random samples over the whole range."""
     rng = np.random.default_rng(0)
-    gray, rgb = rng.integers(0, 65536, (SIDE, SIDE), dtype=np.uint16), rng.integers(0, 65536, (SIDE, SIDE, 3),
-                                                                                   dtype=np.uint16)
+    gray, rgb = (
+        rng.integers(0, 65536, (SIDE, SIDE), dtype=np.uint16),
+        rng.integers(0, 65536, (SIDE, SIDE, 3), dtype=np.uint16),
+    )
     root = tmp_path_factory.mktemp("sixteen")
     for name in ("gray", "rgb"):
         (root / name).mkdir()
@@ -125,8 +144,10 @@ def test_dali_refuses_gifs_in_one_line(gif_folder):
     """DALI's decoder does not read GIF, so the DALI loader says so rather than failing in its pipeline."""
     with pytest.raises(DataError) as refused:
         build_loader("dali", str(gif_folder), batch_size=1, image_size=SIDE, device="cpu", num_workers=1)
-    assert str(refused.value) == (f"the dali loader cannot decode GIF images and {gif_folder}/gif/a.gif is one: "
-                                  f"convert them to PNG, or use --loader torch")
+    assert str(refused.value) == (
+        f"the dali loader cannot decode GIF images and {gif_folder}/gif/a.gif is one: "
+        f"convert them to PNG, or use --loader torch"
+    )
 
 
 def test_dali_names_a_gif_named_as_another_format(gif_folder):
@@ -157,13 +178,14 @@ def test_files_that_are_no_images_are_counted_and_empty_classes_named(untidy_fol
     assert {label: len(found) for label, found in images.items()} == {0: 1, 2: 1}
     np.testing.assert_array_equal(images[2][0], np.broadcast_to(PNG_COLOUR, images[2][0].shape))
     notices = [line for line in capfd.readouterr().err.splitlines() if line.startswith(f"data path {untidy_folder}")]
-    assert notices == [f"data path {untidy_folder}: skipped 4 files that are not images (.txt 2, .json 1, "
-                       f"no extension 1)",
-                       f"data path {untidy_folder}: 2 of 4 class folders hold no images and still count as classes: "
-                       f"b, d"]
+    assert notices == [
+        f"data path {untidy_folder}: skipped 4 files that are not images (.txt 2, .json 1, no extension 1)",
+        f"data path {untidy_folder}: 2 of 4 class folders hold no images and still count as classes: b, d",
+    ]
 
 
 # --- the pixel limit -----------------------------------------------------------------------------------------------
+
 
 def test_a_10000_pixel_square_image_loads_without_a_warning(tmp_path):
     """PIL warns from 89M pixels (DecompressionBombWarning) and refuses from 179M; training images may have up to
@@ -185,5 +207,7 @@ def test_an_image_over_the_pixel_limit_is_one_line(tmp_path, monkeypatch):
     loader = build_loader("torch", str(tmp_path), batch_size=2, image_size=SIDE, device="cpu", num_workers=0)
     with pytest.raises(DataError) as refused:
         next(iter(loader))
-    assert str(refused.value) == (f"image {tmp_path}/c/over.png is 11x10 pixels, over the limit of 100 "
-                                  f"(pipeline.datasets.MAX_IMAGE_PIXELS): shrink it")
+    assert str(refused.value) == (
+        f"image {tmp_path}/c/over.png is 11x10 pixels, over the limit of 100 "
+        f"(pipeline.datasets.MAX_IMAGE_PIXELS): shrink it"
+    )

@@ -15,8 +15,10 @@ def module_name(path: Path) -> str:
 
 
 def project_modules() -> dict[str, Path]:
-    paths = [ROOT / "train.py", *(p for package in LAYERS if (ROOT / package).is_dir()
-                                 for p in (ROOT / package).rglob("*.py"))]
+    paths = [
+        ROOT / "train.py",
+        *(p for package in LAYERS if (ROOT / package).is_dir() for p in (ROOT / package).rglob("*.py")),
+    ]
     return {module_name(p): p for p in paths if "results" not in p.parts}
 
 
@@ -28,8 +30,10 @@ def imports_of(path: Path, modules: dict[str, Path]) -> set[str]:
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names = [f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in modules else node.module
-                     for alias in node.names]
+            names = [
+                f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in modules else node.module
+                for alias in node.names
+            ]
         else:
             continue
         found |= {name for name in names if name.split(".")[0] in LAYERS and name in modules}
@@ -55,7 +59,7 @@ def test_no_import_cycles():
         state[name] = "open"
         for imported in sorted(graph[name]):
             if state.get(imported) == "open":
-                cycles.append(" -> ".join(trail[trail.index(imported):] + [imported]))
+                cycles.append(" -> ".join(trail[trail.index(imported) :] + [imported]))
             elif imported not in state:
                 visit(imported, trail + [imported])
         state[name] = "done"

@@ -9,21 +9,29 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import requires_cuda
 from PIL import Image
 
-from conftest import requires_cuda
 from pipeline import build_loader
 from pipeline.augs import IMAGENET_MEAN, IMAGENET_STD, get_recipe
 from pipeline.ffcv_writer import write_beton
 
 ROOT = Path(__file__).resolve().parents[1]
-IDENTITY = dataclasses.replace(get_recipe("v2"), crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), jitter_prob=0.0,
-                               grayscale_prob=0.0, blur_prob=0.0, flip_prob=0.0)
+IDENTITY = dataclasses.replace(
+    get_recipe("v2"),
+    crop_scale=(1.0, 1.0),
+    crop_ratio=(1.0, 1.0),
+    jitter_prob=0.0,
+    grayscale_prob=0.0,
+    blur_prob=0.0,
+    flip_prob=0.0,
+)
 PNG_COLOUR, CMYK = (10, 200, 30), (0, 200, 30, 10)
 
 # numba (0.68) raises a harmless KeyError while freeing FFCV's compiled functions when a loader is collected.
 pytestmark = pytest.mark.filterwarnings(
-    "ignore:Exception ignored in. <finalize object:pytest.PytestUnraisableExceptionWarning")
+    "ignore:Exception ignored in. <finalize object:pytest.PytestUnraisableExceptionWarning"
+)
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +48,9 @@ def odd_folder(tmp_path_factory) -> Path:
 def centre_rgb(view: torch.Tensor) -> list[int]:
     """The 0..255 colour at a view's centre, normalisation undone."""
     h, w = view.shape[-2:]
-    return [round(((view[c, h // 2, w // 2].float() * IMAGENET_STD[c] + IMAGENET_MEAN[c]) * 255).item())
-            for c in range(3)]
+    return [
+        round(((view[c, h // 2, w // 2].float() * IMAGENET_STD[c] + IMAGENET_MEAN[c]) * 255).item()) for c in range(3)
+    ]
 
 
 def expected_colours() -> dict[int, list[int]]:
@@ -71,8 +80,15 @@ print("read", tuple(im_q.shape))
 """
 
 
-@pytest.mark.parametrize("backend, options", [("torch", {"num_workers": 2}), ("dali", {"num_workers": 2}),
-                                              ("ffcv", {"num_workers": 2}), ("synthetic", {"steps": 4})])
+@pytest.mark.parametrize(
+    "backend, options",
+    [
+        ("torch", {"num_workers": 2}),
+        ("dali", {"num_workers": 2}),
+        ("ffcv", {"num_workers": 2}),
+        ("synthetic", {"steps": 4}),
+    ],
+)
 def test_a_script_that_uses_a_loader_at_module_level_ends(small_fashion, tmp_path, backend, options):
     """No close(), no cleanup: the interpreter's own exit must end the workers and threads."""
     data = small_fashion
@@ -103,8 +119,9 @@ def test_ffcv_resumed_epoch_reads_the_same_samples_in_the_same_order(small_fashi
     assert len(list(loader)) == 25
 
 
-@pytest.mark.parametrize("backend, device", [
-    ("torch", "cpu"), ("dali", "cpu"), pytest.param("dali", "cuda", marks=requires_cuda)])
+@pytest.mark.parametrize(
+    "backend, device", [("torch", "cpu"), ("dali", "cpu"), pytest.param("dali", "cuda", marks=requires_cuda)]
+)
 def test_a_batch_stays_valid_while_later_batches_are_read(small_fashion, backend, device):
     """DALI hands its output buffers to torch without a copy: a batch kept by the step must not be overwritten
     by the batches DALI prepares after it (prefetching, buffer reuse), nor its labels by DALI's next host batch.

@@ -29,7 +29,7 @@ def algorithm1(f_q, f_k, queue, batches, m, t, lr):
                 p -= lr * p.grad
             for p_k, p_q in zip(f_k.parameters(), f_q.parameters()):
                 p_k.copy_(m * p_k + (1 - m) * p_q)
-        queue = queue[len(k):] + [col for col in k]  # enqueue the newest keys, dequeue the oldest
+        queue = queue[len(k) :] + [col for col in k]  # enqueue the newest keys, dequeue the oldest
         losses.append(loss.item())
     return losses, f_k, torch.stack(queue, dim=1)
 
@@ -73,8 +73,9 @@ def test_fused_infonce_equals_cross_entropy_over_concatenated_logits():
     q = F.normalize(torch.randn(n, c, dtype=torch.float64), dim=1).requires_grad_()
     k = F.normalize(torch.randn(n, c, dtype=torch.float64), dim=1)
     queue = F.normalize(torch.randn(c, K, dtype=torch.float64), dim=0)
-    reference = F.cross_entropy(torch.cat([(q * k).sum(1, keepdim=True), q @ queue], dim=1) / t,
-                                torch.zeros(n, dtype=torch.long))
+    reference = F.cross_entropy(
+        torch.cat([(q * k).sum(1, keepdim=True), q @ queue], dim=1) / t, torch.zeros(n, dtype=torch.long)
+    )
     (grad_reference,) = torch.autograd.grad(reference, q)
     fused = infonce_loss(q, k, queue, t)
     (grad_fused,) = torch.autograd.grad(fused, q)

@@ -14,8 +14,32 @@ from model import MoCo, build_encoder
 
 def test_peers_suite_times_every_side_interleaved_and_prints_ratios(tmp_path, capsys):
     out = tmp_path / "peers.json"
-    assert main(["peers", "--arch", "resnet_mini_cifar", "--batch-size", "8", "--image-size", "16", "--moco-k", "64",
-                 "--steps", "1", "--warmup", "1", "--repeats", "2", "--threads", "1", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "peers",
+                "--arch",
+                "resnet_mini_cifar",
+                "--batch-size",
+                "8",
+                "--image-size",
+                "16",
+                "--moco-k",
+                "64",
+                "--steps",
+                "1",
+                "--warmup",
+                "1",
+                "--repeats",
+                "2",
+                "--threads",
+                "1",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     doc = json.loads(out.read_text())
     sides = {r["backend"]: r for r in doc["results"]}
     assert list(sides) == ["ours", "ours --shuffle none", "official", "lightly"]
@@ -32,10 +56,12 @@ def test_the_official_style_step_computes_what_our_moco_computes():
     """Same weights, queue and images: the official builder's logits equal ours (no shuffle), and its queue and
     key encoder move as ours do, so the peers benchmark times the same algorithm."""
     torch.manual_seed(0)
-    ours = MoCo(functools.partial(build_encoder, "resnet_mini_cifar"), dim=16, K=32, m=0.9, T=0.2, mlp=True,
-                shuffle="none")
-    official = official_moco.MoCo(functools.partial(build_encoder, "resnet_mini_cifar"), dim=16, K=32, m=0.9, T=0.2,
-                                  mlp=True)
+    ours = MoCo(
+        functools.partial(build_encoder, "resnet_mini_cifar"), dim=16, K=32, m=0.9, T=0.2, mlp=True, shuffle="none"
+    )
+    official = official_moco.MoCo(
+        functools.partial(build_encoder, "resnet_mini_cifar"), dim=16, K=32, m=0.9, T=0.2, mlp=True
+    )
     official.load_state_dict(ours.state_dict())
     x_q, x_k = torch.randn(8, 3, 8, 8), torch.randn(8, 3, 8, 8)
     logits, labels = ours(x_q, x_k)
@@ -64,6 +90,7 @@ def test_lightly_memory_bank_loss_is_moco_infonce():
     loss = criterion(q, k)
     qn, kn = F.normalize(q.detach(), dim=1), F.normalize(k, dim=1)
     logits = torch.cat([(qn * kn).sum(1, keepdim=True), qn @ negatives], dim=1) / T
-    torch.testing.assert_close(loss.detach(), F.cross_entropy(logits, torch.zeros(n, dtype=torch.long)),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        loss.detach(), F.cross_entropy(logits, torch.zeros(n, dtype=torch.long)), rtol=1e-5, atol=1e-5
+    )
     assert not torch.equal(criterion.memory_bank.bank, bank)  # and then the keys were enqueued

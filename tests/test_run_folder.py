@@ -4,10 +4,10 @@ checkpoint that loads, and every line says what was kept."""
 import shutil
 
 import pytest
-
-from model.checkpoint import load_checkpoint
-import train
 from test_resume import error_line, quick_run, run_args, stop_at, train_rows
+
+import train
+from model.checkpoint import load_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -27,17 +27,21 @@ def copy_of(run, tmp_path, *drop):
     return out
 
 
-@pytest.mark.parametrize("drop, left", [
-    (("checkpoint_last.pth.tar",), "checkpoint_0001.pth.tar, metrics.jsonl, tb"),
-    (("checkpoint_last.pth.tar", "checkpoint_0001.pth.tar", "tb"), "metrics.jsonl"),
-    (("checkpoint_last.pth.tar", "checkpoint_0001.pth.tar", "metrics.jsonl"), "tb"),
-])
+@pytest.mark.parametrize(
+    "drop, left",
+    [
+        (("checkpoint_last.pth.tar",), "checkpoint_0001.pth.tar, metrics.jsonl, tb"),
+        (("checkpoint_last.pth.tar", "checkpoint_0001.pth.tar", "tb"), "metrics.jsonl"),
+        (("checkpoint_last.pth.tar", "checkpoint_0001.pth.tar", "metrics.jsonl"), "tb"),
+    ],
+)
 def test_a_fresh_run_refuses_any_file_an_earlier_run_left(small_fashion, one_epoch, tmp_path, capsys, drop, left):
     out = copy_of(one_epoch, tmp_path, *drop)
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     assert quick_run(small_fashion, out) == 2
-    assert error_line(capsys) == (f"error: --out {out} already holds a run ({left}); continue it with --resume auto, "
-                                  f"or choose another --out")
+    assert error_line(capsys) == (
+        f"error: --out {out} already holds a run ({left}); continue it with --resume auto, or choose another --out"
+    )
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     assert len(list((out / "tb").glob("*"))) == len(list((one_epoch / "tb").glob("*"))) or "tb" in drop
 
@@ -50,8 +54,7 @@ def test_resume_auto_goes_on_from_the_newest_epoch_checkpoint(small_fashion, one
     assert [r["epoch"] for r in train_rows(out)] == [0, 1, 2]
 
 
-def test_resume_auto_passes_over_a_truncated_checkpoint_last_with_a_notice(small_fashion, one_epoch, tmp_path,
-                                                                            capsys):
+def test_resume_auto_passes_over_a_truncated_checkpoint_last_with_a_notice(small_fashion, one_epoch, tmp_path, capsys):
     out = copy_of(one_epoch, tmp_path)
     last = out / "checkpoint_last.pth.tar"
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
@@ -75,8 +78,10 @@ def test_resume_auto_starts_afresh_where_a_run_left_no_checkpoint(small_fashion,
     """A rank that crashed before the first checkpoint is restarted by torchrun with --resume auto: it starts over."""
     out = copy_of(one_epoch, tmp_path, "checkpoint_last.pth.tar", "checkpoint_0001.pth.tar")
     assert quick_run(small_fashion, out, "--resume", "auto") == 0
-    assert (f"notice: --resume auto: {out} holds no checkpoint, so the run starts afresh and replaces its "
-            f"metrics.jsonl and tb") in capsys.readouterr().err
+    assert (
+        f"notice: --resume auto: {out} holds no checkpoint, so the run starts afresh and replaces its "
+        f"metrics.jsonl and tb"
+    ) in capsys.readouterr().err
     assert [r["epoch"] for r in train_rows(out)] == [0, 1]
     assert len(list((out / "tb").glob("events.out.tfevents.*"))) == 1
 
@@ -84,8 +89,10 @@ def test_resume_auto_starts_afresh_where_a_run_left_no_checkpoint(small_fashion,
 def test_resuming_with_other_settings_names_each_one(small_fashion, one_epoch, tmp_path, capsys):
     out = copy_of(one_epoch, tmp_path)
     assert quick_run(small_fashion, out, "--epochs", "2", "--image-size", "20", "--resume", "auto") == 0
-    assert ("notice: settings that differ from the checkpoint's run: --image-size 20 (was 16), --epochs 2 (was 1)"
-            in capsys.readouterr().err)
+    assert (
+        "notice: settings that differ from the checkpoint's run: --image-size 20 (was 16), --epochs 2 (was 1)"
+        in capsys.readouterr().err
+    )
 
 
 @pytest.fixture(scope="module")
@@ -97,17 +104,21 @@ def cut_in_epoch_1(small_fashion, tmp_path_factory):
 
 
 @pytest.mark.parametrize("flag, value, was", [("--loader", "dali", "torch"), ("--seed", "1", "0")])
-def test_a_cut_epoch_refuses_what_decides_its_remaining_images(small_fashion, cut_in_epoch_1, tmp_path, capsys, flag,
-                                                                value, was):
+def test_a_cut_epoch_refuses_what_decides_its_remaining_images(
+    small_fashion, cut_in_epoch_1, tmp_path, capsys, flag, value, was
+):
     out = copy_of(cut_in_epoch_1, tmp_path)
     assert train.main(run_args(small_fashion, out, workers=0, extra=["--resume", "auto", flag, value])) == 2
-    assert error_line(capsys) == (f"error: checkpoint {out / 'checkpoint_last.pth.tar'} was cut inside epoch 1, whose "
-                                  f"remaining images follow from its {flag} {was}: resume it with the same, or from "
-                                  f"an epoch's checkpoint")
+    assert error_line(capsys) == (
+        f"error: checkpoint {out / 'checkpoint_last.pth.tar'} was cut inside epoch 1, whose "
+        f"remaining images follow from its {flag} {was}: resume it with the same, or from "
+        f"an epoch's checkpoint"
+    )
 
 
-def test_a_cut_epoch_with_another_step_count_fails_before_saying_it_resumed(small_fashion, cut_in_epoch_1, tmp_path,
-                                                                             capsys):
+def test_a_cut_epoch_with_another_step_count_fails_before_saying_it_resumed(
+    small_fashion, cut_in_epoch_1, tmp_path, capsys
+):
     out = copy_of(cut_in_epoch_1, tmp_path)
     assert train.main(run_args(small_fashion, out, workers=0, extra=["--resume", "auto", "--max-steps", "50"])) == 2
     err = capsys.readouterr().err

@@ -10,8 +10,24 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from engine.cli import parse_config
 from engine.trainer import Trainer
 
-QUICK = ["--epochs", "2", "--max-steps", "6", "--batch-size", "16", "--moco-k", "64", "--image-size", "16",
-         "--workers", "0", "--print-freq", "2", "--checkpoint-minutes", "0"]
+QUICK = [
+    "--epochs",
+    "2",
+    "--max-steps",
+    "6",
+    "--batch-size",
+    "16",
+    "--moco-k",
+    "64",
+    "--image-size",
+    "16",
+    "--workers",
+    "0",
+    "--print-freq",
+    "2",
+    "--checkpoint-minutes",
+    "0",
+]
 
 
 def run(args, slow_loader_s: float = 0.0) -> Trainer:
@@ -45,19 +61,40 @@ def test_data_wait_is_near_one_behind_a_slow_loader_and_near_zero_with_synthetic
 
 
 def test_tensorboard_holds_the_promised_scalars(small_fashion, tmp_path):
-    run(["--data", small_fashion, "--out", str(tmp_path), "--knn-train-samples", "128", "--knn-val-samples", "64",
-         *QUICK])
+    run(
+        [
+            "--data",
+            small_fashion,
+            "--out",
+            str(tmp_path),
+            "--knn-train-samples",
+            "128",
+            "--knn-val-samples",
+            "64",
+            *QUICK,
+        ]
+    )
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    assert {"train/loss", "train/lr", "train/img_per_s", "epoch/loss", "epoch/lr", "epoch/img_per_s",
-            "epoch/data_wait_fraction", "epoch/knn_top1", "epoch/peak_host_rss_mb"} <= tags
+    assert {
+        "train/loss",
+        "train/lr",
+        "train/img_per_s",
+        "epoch/loss",
+        "epoch/lr",
+        "epoch/img_per_s",
+        "epoch/data_wait_fraction",
+        "epoch/knn_top1",
+        "epoch/peak_host_rss_mb",
+    } <= tags
     assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6, 8, 10, 12]
     assert [e.step for e in events.Scalars("epoch/knn_top1")] == [0, 6, 12]  # the global step at each epoch's end
     rows = epoch_rows(tmp_path)
     assert [e.value for e in events.Scalars("epoch/loss")] == pytest.approx([r["loss"] for r in rows])
-    assert [e.value for e in events.Scalars("epoch/data_wait_fraction")] == pytest.approx([r["data_wait"]
-                                                                                           for r in rows])
+    assert [e.value for e in events.Scalars("epoch/data_wait_fraction")] == pytest.approx(
+        [r["data_wait"] for r in rows]
+    )
 
 
 def test_a_resumed_run_keeps_every_scalar_of_its_checkpoint_and_writes_no_step_twice(small_fashion, tmp_path, caplog):

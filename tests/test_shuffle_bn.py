@@ -33,8 +33,9 @@ def reference_split_bn(x, weight, bias, splits, eps):
     outs = []
     for sub in x.double().chunk(splits):
         mean, var = sub.mean(dim=(0, 2, 3), keepdim=True), sub.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
-        outs.append((sub - mean) / torch.sqrt(var + eps) * weight.double().view(1, -1, 1, 1)
-                    + bias.double().view(1, -1, 1, 1))
+        outs.append(
+            (sub - mean) / torch.sqrt(var + eps) * weight.double().view(1, -1, 1, 1) + bias.double().view(1, -1, 1, 1)
+        )
     return torch.cat(outs)
 
 
@@ -70,8 +71,9 @@ def test_split_bn_matches_a_float64_per_sub_batch_reference(splits, channels_las
     means = torch.stack([b.mean(dim=(0, 2, 3)) for b in blocks]).mean(0)
     variances = torch.stack([b.var(dim=(0, 2, 3), unbiased=True) for b in blocks]).mean(0)
     torch.testing.assert_close(bn.running_mean.double(), 0.9 * start_mean.double() + 0.1 * means, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(bn.running_var.double(), 0.9 * start_var.double() + 0.1 * variances,
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        bn.running_var.double(), 0.9 * start_var.double() + 0.1 * variances, rtol=1e-5, atol=1e-6
+    )
     assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
     assert x.grad.is_contiguous(memory_format=torch.channels_last) == channels_last
 
@@ -98,8 +100,9 @@ def test_split_bn_in_half_precision_keeps_fp32_statistics(dtype):
     out = bn(x.requires_grad_(True))
     out.float().sum().backward()
     assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(out.double(), reference_split_bn(x.detach(), bn.weight, bn.bias, 8, bn.eps),
-                               rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(
+        out.double(), reference_split_bn(x.detach(), bn.weight, bn.bias, 8, bn.eps), rtol=2e-2, atol=2e-2
+    )
     assert x.grad.dtype == dtype and bn.running_mean.dtype == torch.float32
 
 

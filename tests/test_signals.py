@@ -16,8 +16,18 @@ import train
 from model.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["--batch-size", "32", "--moco-k", "128", "--image-size", "16", "--print-freq", "1",
-         "--checkpoint-minutes", "0"]
+SMALL = [
+    "--batch-size",
+    "32",
+    "--moco-k",
+    "128",
+    "--image-size",
+    "16",
+    "--print-freq",
+    "1",
+    "--checkpoint-minutes",
+    "0",
+]
 
 
 def rows(out: Path) -> list[dict]:
@@ -26,10 +36,32 @@ def rows(out: Path) -> list[dict]:
 
 def test_ctrl_c_during_the_init_knn_pass_is_acknowledged_at_once_and_trains_no_step(tmp_path):
     """Ctrl-C (SIGINT to the process group) while the kNN monitor's workers extract the random init's features."""
-    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *SMALL, "--max-steps", "3", "--epochs", "5",
-                                "--workers", "1", "--knn-train-samples", "4000", "--knn-val-samples", "1000",
-                                "--image-size", "28", "--out", str(tmp_path)], cwd=ROOT, stderr=subprocess.PIPE,
-                               stdout=subprocess.DEVNULL, text=True, start_new_session=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            *SMALL,
+            "--max-steps",
+            "3",
+            "--epochs",
+            "5",
+            "--workers",
+            "1",
+            "--knn-train-samples",
+            "4000",
+            "--knn-val-samples",
+            "1000",
+            "--image-size",
+            "28",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while not psutil.Process(process.pid).children():  # the kNN pass's loader workers: the pass has begun
@@ -68,22 +100,47 @@ def test_a_second_sigterm_while_the_epoch_checkpoint_is_prepared_keeps_it(tmp_pa
         return copy_to_host(obj)
 
     monkeypatch.setattr(engine.checkpoint, "to_host", signalled_twice)
-    assert train.main([*SMALL, "--max-steps", "3", "--epochs", "5", "--workers", "0", "--knn-every", "0",
-                       "--out", str(tmp_path)]) == 130
+    assert (
+        train.main(
+            [*SMALL, "--max-steps", "3", "--epochs", "5", "--workers", "0", "--knn-every", "0", "--out", str(tmp_path)]
+        )
+        == 130
+    )
     last = tmp_path / "checkpoint_last.pth.tar"
     assert load_checkpoint(last)["epoch"] == 1
-    assert capsys.readouterr().err.strip().splitlines()[-1] == (f"interrupted: {last} holds epoch 1; continue with "
-                                                                f"--resume {last}")
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"interrupted: {last} holds epoch 1; continue with --resume {last}"
+    )
     assert [r["epoch"] for r in rows(tmp_path)] == [0, 1]
 
 
 def test_two_sigterms_at_an_epoch_end_leave_no_row_without_its_checkpoint(tmp_path):
     """A scheduler's SIGTERM to the process group at the end of epoch 1, and another 0.2 s later: whatever the
     second one cuts, the last line names a checkpoint that holds what it says, and every metrics row has one."""
-    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *SMALL, "--arch", "resnet18",
-                                "--max-steps", "3", "--epochs", "50", "--workers", "1", "--knn-every", "0",
-                                "--out", str(tmp_path)], cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                               text=True, start_new_session=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            *SMALL,
+            "--arch",
+            "resnet18",
+            "--max-steps",
+            "3",
+            "--epochs",
+            "50",
+            "--workers",
+            "1",
+            "--knn-every",
+            "0",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
     try:
         for line in process.stderr:
             if line.startswith("epoch 1:"):

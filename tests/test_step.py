@@ -19,8 +19,9 @@ def make_moco():
 
 
 def make_step(moco, precision, fused_loss):
-    return MocoStep(moco, build_optimizer(OptimConfig(lr=0.1), moco.parameters()), precision, torch.device("cpu"),
-                    fused_loss)
+    return MocoStep(
+        moco, build_optimizer(OptimConfig(lr=0.1), moco.parameters()), precision, torch.device("cpu"), fused_loss
+    )
 
 
 @pytest.mark.parametrize("fused_loss", [False, True])
@@ -48,11 +49,11 @@ def test_fp16_counts_the_steps_the_scaler_skipped_not_nonfinite_losses():
     """A loss scale too large for fp16 gradients: the loss is finite, the gradients overflow, the step is skipped."""
     moco = make_moco()
     step = make_step(moco, "fp16", fused_loss=True)
-    step.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 40)
+    step.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)
     x = torch.randn(8, 3, 8, 8)
     assert torch.isfinite(step(x, x))
     assert (int(step.counters.skipped), int(step.counters.nonfinite)) == (1, 0)
-    assert step.scaler.get_scale() == 2.0 ** 39
+    assert step.scaler.get_scale() == 2.0**39
 
 
 def test_bf16_step_tracks_the_fp32_step():

@@ -10,13 +10,14 @@ import train
 from benchmarks.__main__ import main as benchmark_main
 from benchmarks.core.diagnostics import HostReads
 from benchmarks.core.options import parse as parse_benchmark
-from model.checkpoint import load_checkpoint
-from engine.config import OptimConfig, StepConfig
 from engine.cli import parse_config
+from engine.config import OptimConfig, StepConfig
 from engine.trainer import Trainer
+from model.checkpoint import load_checkpoint
 
 VARIANT_FLAGS = [("--" + f.name.replace("_", "-"), f.name) for f in dataclasses.fields(StepConfig)] + [
-    ("--fused-sgd", "fused_sgd")]
+    ("--fused-sgd", "fused_sgd")
+]
 
 
 @pytest.mark.parametrize("flag, field", VARIANT_FLAGS)
@@ -31,8 +32,27 @@ def test_every_variant_flag_means_the_same_in_train_py_and_the_benchmarks(flag, 
 
 
 def test_a_compiled_run_trains_reads_nothing_back_and_resumes_uncompiled(small_fashion, tmp_path):
-    args = ["--data", small_fashion, "--out", str(tmp_path), "--epochs", "1", "--max-steps", "3", "--batch-size",
-            "16", "--moco-k", "64", "--image-size", "16", "--workers", "0", "--knn-every", "0", "--compile"]
+    args = [
+        "--data",
+        small_fashion,
+        "--out",
+        str(tmp_path),
+        "--epochs",
+        "1",
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "16",
+        "--moco-k",
+        "64",
+        "--image-size",
+        "16",
+        "--workers",
+        "0",
+        "--knn-every",
+        "0",
+        "--compile",
+    ]
     trainer = Trainer(parse_config(args))
     try:
         trainer.build()
@@ -46,27 +66,73 @@ def test_a_compiled_run_trains_reads_nothing_back_and_resumes_uncompiled(small_f
     checkpoint = load_checkpoint(tmp_path / "checkpoint_last.pth.tar")
     assert not [k for k in checkpoint["state_dict"] if "_orig_mod" in k]
     plain = [a for a in args if a != "--compile"]
-    assert train.main([*plain[:plain.index("--epochs")], "--epochs", "2", *plain[plain.index("--epochs") + 2:],
-                       "--resume", "auto"]) == 0
+    assert (
+        train.main(
+            [
+                *plain[: plain.index("--epochs")],
+                "--epochs",
+                "2",
+                *plain[plain.index("--epochs") + 2 :],
+                "--resume",
+                "auto",
+            ]
+        )
+        == 0
+    )
     assert load_checkpoint(tmp_path / "checkpoint_last.pth.tar")["epoch"] == 2
 
 
 # Every variant the CPU can run; cuda_graphs and cudnn_benchmark are GPU features (tests/test_cuda_graph.py).
 CPU_VARIANTS = [[], ["--shuffle", "none"], ["--precision", "bf16"], ["--precision", "fp16"]] + [
-    [f"--no-{flag[2:]}" if getattr(getattr(parse_config([]), "optim" if field == "fused_sgd" else "step"), field)
-     else flag] for flag, field in VARIANT_FLAGS
-    if field not in {"precision", "cuda_graphs", "cudnn_benchmark"}]
+    [
+        f"--no-{flag[2:]}"
+        if getattr(getattr(parse_config([]), "optim" if field == "fused_sgd" else "step"), field)
+        else flag
+    ]
+    for flag, field in VARIANT_FLAGS
+    if field not in {"precision", "cuda_graphs", "cudnn_benchmark"}
+]
 # A split BN layer's forward copies only its running statistics (num_splits x C floats), never an activation.
 RUNNING_STATS_BYTES = 8 * 2048 * 4
 
 
-@pytest.mark.parametrize("variant", [pytest.param(v, marks=pytest.mark.slow) if v == ["--compile"] else v
-                                     for v in CPU_VARIANTS], ids=lambda v: " ".join(v) or "default")
+@pytest.mark.parametrize(
+    "variant",
+    [pytest.param(v, marks=pytest.mark.slow) if v == ["--compile"] else v for v in CPU_VARIANTS],
+    ids=lambda v: " ".join(v) or "default",
+)
 def test_check_copies_counts_every_variant_and_split_bn_moves_no_activation_in_its_forward(variant, tmp_path):
     out = tmp_path / "step.json"
-    assert benchmark_main(["step", "--arch", "resnet_mini_cifar", "--batch-size", "16", "--image-size", "16",
-                           "--moco-k", "64", "--steps", "1", "--warmup", "1", "--repeats", "1", "--workers", "0",
-                           "--threads", "1", "--check-copies", *variant, "--json", str(out)]) == 0
+    assert (
+        benchmark_main(
+            [
+                "step",
+                "--arch",
+                "resnet_mini_cifar",
+                "--batch-size",
+                "16",
+                "--image-size",
+                "16",
+                "--moco-k",
+                "64",
+                "--steps",
+                "1",
+                "--warmup",
+                "1",
+                "--repeats",
+                "1",
+                "--workers",
+                "0",
+                "--threads",
+                "1",
+                "--check-copies",
+                *variant,
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     check = json.loads(out.read_text())["results"][0]["copy_check"]
     rows = check["copies"]
     assert check["mb_per_step"] == pytest.approx(sum(r["mb"] for r in rows))

@@ -13,8 +13,15 @@ from pipeline.datasets import resolve_dataset
 from pipeline.torch_loader import ShardSampler
 
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
-IDENTITY = dataclasses.replace(get_recipe("v2"), crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), jitter_prob=0.0,
-                               grayscale_prob=0.0, blur_prob=0.0, flip_prob=0.0)
+IDENTITY = dataclasses.replace(
+    get_recipe("v2"),
+    crop_scale=(1.0, 1.0),
+    crop_ratio=(1.0, 1.0),
+    jitter_prob=0.0,
+    grayscale_prob=0.0,
+    blur_prob=0.0,
+    flip_prob=0.0,
+)
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +41,9 @@ def normalised(rgb):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_contract_on_an_image_folder(colour_folder, dtype):
-    loader = build_loader("torch", str(colour_folder), batch_size=8, image_size=16, device="cpu", aug=IDENTITY,
-                          dtype=dtype, num_workers=0)
+    loader = build_loader(
+        "torch", str(colour_folder), batch_size=8, image_size=16, device="cpu", aug=IDENTITY, dtype=dtype, num_workers=0
+    )
     assert len(loader) == 40 // 8
     batches = list(loader)
     assert len(batches) == 5
@@ -49,8 +57,9 @@ def test_contract_on_an_image_folder(colour_folder, dtype):
 
 
 def test_fashion_mnist_values_match_the_idx_pixels():
-    loader = build_loader("torch", "fashion-mnist", batch_size=4, image_size=28, device="cpu", aug=IDENTITY,
-                          num_workers=0)
+    loader = build_loader(
+        "torch", "fashion-mnist", batch_size=4, image_size=28, device="cpu", aug=IDENTITY, num_workers=0
+    )
     dataset = resolve_dataset("fashion-mnist", "train", 28)
     im_q, _, labels = next(iter(loader))
     pixels = torch.from_numpy(dataset.images.astype(np.float32) / 255)
@@ -69,8 +78,9 @@ def test_uint8_views_normalised_on_the_device_equal_totensor_normalize(dtype):
 
     from pipeline.torch_loader import view_transform
 
-    loader = build_loader("torch", "fashion-mnist", batch_size=8, image_size=32, device="cpu", dtype=dtype,
-                          num_workers=2)
+    loader = build_loader(
+        "torch", "fashion-mnist", batch_size=8, image_size=32, device="cpu", dtype=dtype, num_workers=2
+    )
     recipe = get_recipe("v2")
     uint8_ops = view_transform(recipe, 32).transforms
     reference = T.Compose(uint8_ops[:-1] + [T.ToTensor(), T.Normalize(recipe.mean, recipe.std)])
@@ -90,8 +100,11 @@ def test_uint8_views_normalised_on_the_device_equal_totensor_normalize(dtype):
 
 
 def test_two_views_differ_and_seed_reproduces(colour_folder):
-    make = lambda seed, workers: build_loader("torch", "fashion-mnist", batch_size=16, image_size=28, device="cpu",
-                                              seed=seed, num_workers=workers)
+    def make(seed, workers):
+        return build_loader(
+            "torch", "fashion-mnist", batch_size=16, image_size=28, device="cpu", seed=seed, num_workers=workers
+        )
+
     q, k, y = next(iter(make(0, 0)))
     assert all(not torch.allclose(a, b) for a, b in zip(q, k))
     q2, k2, y2 = next(iter(make(0, 2)))  # per-sample seeds: the worker count does not matter
@@ -119,8 +132,16 @@ def test_shards_are_disjoint_and_cover_the_epoch():
 
 def test_epoch_length_drops_the_last_partial_batch(colour_folder):
     for world in (1, 2):
-        loader = build_loader("torch", str(colour_folder), batch_size=6, image_size=8, device="cpu", rank=world - 1,
-                              world_size=world, num_workers=0)
+        loader = build_loader(
+            "torch",
+            str(colour_folder),
+            batch_size=6,
+            image_size=8,
+            device="cpu",
+            rank=world - 1,
+            world_size=world,
+            num_workers=0,
+        )
         assert len(loader) == (40 // world) // 6 == len(list(loader))
 
 

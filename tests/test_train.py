@@ -12,13 +12,31 @@ import pytest
 import torch
 
 import train
-from model.checkpoint import load_checkpoint, query_encoder_state
-from engine.config import ConfigError, to_dict
 from engine.cli import build_parser, parse_config, validate
+from engine.config import ConfigError, to_dict
+from model.checkpoint import load_checkpoint, query_encoder_state
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--epochs", "2", "--max-steps", "3", "--batch-size", "32", "--moco-k", "128", "--image-size", "16",
-        "--workers", "0", "--knn-train-samples", "200", "--knn-val-samples", "100", "--print-freq", "1"]
+TINY = [
+    "--epochs",
+    "2",
+    "--max-steps",
+    "3",
+    "--batch-size",
+    "32",
+    "--moco-k",
+    "128",
+    "--image-size",
+    "16",
+    "--workers",
+    "0",
+    "--knn-train-samples",
+    "200",
+    "--knn-val-samples",
+    "100",
+    "--print-freq",
+    "1",
+]
 
 
 def rows(out: Path) -> list[dict]:
@@ -52,12 +70,14 @@ def test_checkpoint_loads_like_official_main_lincls(full_run):
     state_dict = torch.load(full_run / "checkpoint_last.pth.tar", map_location="cpu")["state_dict"]
     for k in list(state_dict.keys()):
         if k.startswith("module.encoder_q") and not k.startswith("module.encoder_q.fc"):
-            state_dict[k[len("module.encoder_q."):]] = state_dict[k]
+            state_dict[k[len("module.encoder_q.") :]] = state_dict[k]
         del state_dict[k]
     model = build_encoder("resnet_mini_cifar", num_classes=10)
     msg = model.load_state_dict(state_dict, strict=False)
     assert set(msg.missing_keys) == {"fc.weight", "fc.bias"}
-    assert query_encoder_state(torch.load(full_run / "checkpoint_last.pth.tar")["state_dict"]).keys() == state_dict.keys()
+    assert (
+        query_encoder_state(torch.load(full_run / "checkpoint_last.pth.tar")["state_dict"]).keys() == state_dict.keys()
+    )
 
 
 def test_resumed_run_matches_uninterrupted_run(full_run, tmp_path):
@@ -78,8 +98,9 @@ def test_resumed_run_matches_uninterrupted_run(full_run, tmp_path):
 
 def run_cli(args, timeout=120):
     """train.py in a subprocess, to its end: a run that does not end fails the test."""
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True, cwd=ROOT, timeout=timeout
+    )
 
 
 def assert_one_line_error(result, *fragments):
@@ -91,8 +112,9 @@ def assert_one_line_error(result, *fragments):
 
 
 def test_missing_data_path(tmp_path):
-    assert_one_line_error(run_cli(TINY + ["--data", str(tmp_path / "nope"), "--out", str(tmp_path)]),
-                          "does not exist", "nope")
+    assert_one_line_error(
+        run_cli(TINY + ["--data", str(tmp_path / "nope"), "--out", str(tmp_path)]), "does not exist", "nope"
+    )
 
 
 def test_empty_data_path(tmp_path):
@@ -115,8 +137,9 @@ def image_folder(root: Path, splits=("train",), images=40) -> Path:
 def test_unreadable_image(tmp_path):
     root = image_folder(tmp_path / "images")
     (root / "train" / "c0" / "broken.jpg").write_bytes(b"this is not a jpeg")
-    assert_one_line_error(run_cli(TINY + ["--data", str(root), "--out", str(tmp_path / "o")]),
-                          "unreadable image", "broken.jpg")
+    assert_one_line_error(
+        run_cli(TINY + ["--data", str(root), "--out", str(tmp_path / "o")]), "unreadable image", "broken.jpg"
+    )
 
 
 def truncated_jpeg() -> bytes:
@@ -135,25 +158,48 @@ def test_an_image_that_fails_in_a_worker_ends_the_run_in_one_line(tmp_path, spli
     val split); the run says which file in one line and exits, workers and all."""
     root = image_folder(tmp_path / "images", ("train", "val"))
     (root / split / "c1" / "truncated.jpg").write_bytes(truncated_jpeg())
-    args = TINY + ["--data", str(root), "--out", str(tmp_path / "o"), "--workers", "2", "--batch-size", "8",
-                   "--moco-k", "64", "--bn-splits", "2", "--max-steps", "100"]
+    args = TINY + [
+        "--data",
+        str(root),
+        "--out",
+        str(tmp_path / "o"),
+        "--workers",
+        "2",
+        "--batch-size",
+        "8",
+        "--moco-k",
+        "64",
+        "--bn-splits",
+        "2",
+        "--max-steps",
+        "100",
+    ]
     result = run_cli(args)
     assert_one_line_error(result, "unreadable image", "truncated.jpg")
     assert result.stderr.startswith("error: unreadable image ")  # not "error: pipeline.errors.DataError: ..."
 
 
-@pytest.mark.parametrize("flags, fragment", [
-    (["--print-freq", "0"], "--print-freq must be at least 1"), (["--save-every", "0"], "--save-every must be at least 1"),
-    (["--max-steps", "-1"], "--max-steps must be at least 1"), (["--max-steps", "0"], "--max-steps must be at least 1"),
-    (["--checkpoint-minutes", "-1"], "--checkpoint-minutes must not be negative"),
-    (["--checkpoint-steps", "-2"], "--checkpoint-steps must not be negative"), (["--lr", "-0.1"], "--lr must be positive"),
-    (["--workers", "-1"], "--workers must not be negative"), (["--bn-splits", "0"], "--bn-splits must be at least 1"),
-    (["--moco-t", "0"], "--moco-t must be positive"), (["--moco-m", "1.5"], "--moco-m must be in [0, 1]"),
-    (["--cuda-graphs", "--optimizer", "lars"], "--cuda-graphs"), (["--shuffle", "ddp"], "needs several processes"),
-    (["--precision", "fp8"], "unknown --precision 'fp8'; choose one of: auto, bf16, fp16, fp32"),
-    (["--preset", "imagenet", "--batch-size", "8", "--moco-k", "64"], "gives each BN sub-batch 1 sample"),
-    (["--batch-size", "1", "--shuffle", "none", "--moco-k", "64"], "gives each BN sub-batch 1 sample"),
-])
+@pytest.mark.parametrize(
+    "flags, fragment",
+    [
+        (["--print-freq", "0"], "--print-freq must be at least 1"),
+        (["--save-every", "0"], "--save-every must be at least 1"),
+        (["--max-steps", "-1"], "--max-steps must be at least 1"),
+        (["--max-steps", "0"], "--max-steps must be at least 1"),
+        (["--checkpoint-minutes", "-1"], "--checkpoint-minutes must not be negative"),
+        (["--checkpoint-steps", "-2"], "--checkpoint-steps must not be negative"),
+        (["--lr", "-0.1"], "--lr must be positive"),
+        (["--workers", "-1"], "--workers must not be negative"),
+        (["--bn-splits", "0"], "--bn-splits must be at least 1"),
+        (["--moco-t", "0"], "--moco-t must be positive"),
+        (["--moco-m", "1.5"], "--moco-m must be in [0, 1]"),
+        (["--cuda-graphs", "--optimizer", "lars"], "--cuda-graphs"),
+        (["--shuffle", "ddp"], "needs several processes"),
+        (["--precision", "fp8"], "unknown --precision 'fp8'; choose one of: auto, bf16, fp16, fp32"),
+        (["--preset", "imagenet", "--batch-size", "8", "--moco-k", "64"], "gives each BN sub-batch 1 sample"),
+        (["--batch-size", "1", "--shuffle", "none", "--moco-k", "64"], "gives each BN sub-batch 1 sample"),
+    ],
+)
 def test_a_setting_that_cannot_work_fails_before_any_data_is_read(tmp_path, capsys, flags, fragment):
     """The data path does not exist: a data error would mean the data was looked at before the setting."""
     status = train.main(TINY + ["--data", str(tmp_path / "no-data"), "--out", str(tmp_path / "o"), *flags])
@@ -189,9 +235,14 @@ def test_cuda_graphs_without_a_gpu(tmp_path):
 def test_sigterm_says_which_checkpoint_to_resume_from(tmp_path):
     """SIGTERM to the whole process group (as a scheduler sends it; DataLoader workers included) right after an
     epoch's line: that epoch's checkpoint is still written, then one line says so."""
-    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *TINY, "--workers", "1", "--epochs", "50",
-                                "--out", str(tmp_path)], cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                               text=True, start_new_session=True)
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *TINY, "--workers", "1", "--epochs", "50", "--out", str(tmp_path)],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
     lines = []
     for line in process.stderr:
         lines.append(line)
@@ -219,8 +270,24 @@ def test_batch_not_divisible_by_world_size():
 
 def test_help_documents_every_flag():
     text = run_cli(["--help"]).stdout
-    for flag in ["--data", "--loader", "--arch", "--moco-k", "--moco-m", "--moco-t", "--mlp", "--shuffle",
-                 "--batch-size", "--lr", "--schedule", "--precision", "--resume", "--out", "--knn-k", "--preset"]:
+    for flag in [
+        "--data",
+        "--loader",
+        "--arch",
+        "--moco-k",
+        "--moco-m",
+        "--moco-t",
+        "--mlp",
+        "--shuffle",
+        "--batch-size",
+        "--lr",
+        "--schedule",
+        "--precision",
+        "--resume",
+        "--out",
+        "--knn-k",
+        "--preset",
+    ]:
         assert flag in text
 
 
@@ -242,8 +309,20 @@ def test_help_states_each_default_once_and_truly():
 
 def test_default_command_smoke(tmp_path):
     """`python train.py` with its defaults, cut to a few steps: the README's main command works."""
-    result = run_cli(["--epochs", "1", "--max-steps", "3", "--knn-train-samples", "500", "--knn-val-samples", "200",
-                      "--out", str(tmp_path)])
+    result = run_cli(
+        [
+            "--epochs",
+            "1",
+            "--max-steps",
+            "3",
+            "--knn-train-samples",
+            "500",
+            "--knn-val-samples",
+            "200",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert result.returncode == 0, result.stderr
     assert "kNN top-1" in result.stderr and "resnet_mini_cifar" in result.stderr
     metrics = rows(tmp_path)
@@ -252,19 +331,40 @@ def test_default_command_smoke(tmp_path):
 
 def test_imagenet_preset_is_the_moco_v2_paper_recipe():
     cfg = parse_config(["--preset", "imagenet", "--data", "/imagenet"])
-    assert (cfg.model.arch, cfg.model.moco_dim, cfg.model.moco_k, cfg.model.moco_m, cfg.model.moco_t, cfg.model.mlp) == \
-        ("resnet50", 128, 65536, 0.999, 0.2, True)
-    assert (cfg.optim.lr, cfg.optim.batch_size, cfg.optim.momentum, cfg.optim.wd, cfg.optim.schedule) == \
-        (0.03, 256, 0.9, 1e-4, "cos")
+    assert (
+        cfg.model.arch,
+        cfg.model.moco_dim,
+        cfg.model.moco_k,
+        cfg.model.moco_m,
+        cfg.model.moco_t,
+        cfg.model.mlp,
+    ) == ("resnet50", 128, 65536, 0.999, 0.2, True)
+    assert (cfg.optim.lr, cfg.optim.batch_size, cfg.optim.momentum, cfg.optim.wd, cfg.optim.schedule) == (
+        0.03,
+        256,
+        0.9,
+        1e-4,
+        "cos",
+    )
     assert (cfg.run.epochs, cfg.data.aug, cfg.data.image_size, cfg.model.bn_splits) == (200, "v2", 224, 8)
     assert parse_config(["--preset", "imagenet", "--moco-k", "4096"]).model.moco_k == 4096  # flags win
 
 
 def test_train_under_torchrun_with_two_gloo_processes(tmp_path):
-    args = ["--standalone", "--nproc_per_node", "2", str(ROOT / "train.py"), *TINY, "--epochs", "1",
-            "--out", str(tmp_path)]
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", *args], capture_output=True, text=True,
-                            cwd=ROOT, timeout=300)
+    args = [
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(ROOT / "train.py"),
+        *TINY,
+        "--epochs",
+        "1",
+        "--out",
+        str(tmp_path),
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", *args], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "cpu x2" in result.stderr and result.stderr.count("steps/epoch") == 1  # rank 0 reports, once
     metrics = rows(tmp_path)

@@ -20,11 +20,15 @@ def write_chart(records: list[Record], png: Path) -> None:
     import matplotlib.pyplot as plt
 
     profiles = [r for r in records if "sweep" in r.extra]
-    bars = [(f"{report.label(r)} | {group}", {name: r.stages[name] for name in names})
-            for r in records for group, names in r.stage_groups.items()]
+    bars = [
+        (f"{report.label(r)} | {group}", {name: r.stages[name] for name in names})
+        for r in records
+        for group, names in r.stage_groups.items()
+    ]
     heights = [8] * len(profiles) + [len(bars) + 1, len(records) + 1]
-    fig, axes = plt.subplots(len(heights), 1, figsize=(13, 1.5 + 0.45 * sum(heights)),
-                             gridspec_kw={"height_ratios": heights})
+    fig, axes = plt.subplots(
+        len(heights), 1, figsize=(13, 1.5 + 0.45 * sum(heights)), gridspec_kw={"height_ratios": heights}
+    )
     for axis, profile in zip(axes, profiles):
         draw_scaling(axis, profile)
     draw_stages(axes[-2], bars, plt.get_cmap("tab20").colors)
@@ -41,20 +45,27 @@ def draw_scaling(axis, profile: Record) -> None:
     and end to end as lines: how far each loader is from feeding the step."""
     sweep = profile.extra["sweep"]
     for backend in dict.fromkeys(s["backend"] for s in sweep):
-        points = sorted((s["workers"], s["images_per_s"]) for s in sweep if s["backend"] == backend
-                        and not s["options"])
+        points = sorted(
+            (s["workers"], s["images_per_s"]) for s in sweep if s["backend"] == backend and not s["options"]
+        )
         axis.plot(*zip(*points), marker="o", label=f"{backend} alone")
         for s in sweep:
             if s["backend"] == backend and s["options"]:
-                axis.scatter(s["workers"], s["images_per_s"], marker="x",
-                             label=f"{backend} {' '.join(f'{k}={v}' for k, v in s['options'].items())}")
+                axis.scatter(
+                    s["workers"],
+                    s["images_per_s"],
+                    marker="x",
+                    label=f"{backend} {' '.join(f'{k}={v}' for k, v in s['options'].items())}",
+                )
     axis.axhline(profile.step_images_per_s, color="black", linestyle="--", label="step alone (ceiling)")
     axis.axhline(profile.images_per_s, color="tab:red", linestyle=":", label="end to end")
     axis.set_xlabel("loader workers / threads")
     axis.xaxis.get_major_locator().set_params(integer=True)
     axis.set_ylabel("images/s")
-    axis.set_title(f"verdict: {profile.extra['verdict']['bound']}-bound; "
-                   f"run: {' '.join(profile.extra['recommended_command'])}", fontsize=8)
+    axis.set_title(
+        f"verdict: {profile.extra['verdict']['bound']}-bound; run: {' '.join(profile.extra['recommended_command'])}",
+        fontsize=8,
+    )
     axis.legend(fontsize=7)
 
 

@@ -13,8 +13,18 @@ from benchmarks.core.timing import synchronize
 
 # ATen ops whose result the host must read (a value, or an output size that depends on the data): on a GPU
 # each one waits for the device. The CPU dispatches the same ops, so they can be caught there too.
-HOST_READ_OPS = frozenset({"_local_scalar_dense", "nonzero", "equal", "allclose", "masked_select", "_unique2",
-                           "unique_dim", "unique_consecutive"})
+HOST_READ_OPS = frozenset(
+    {
+        "_local_scalar_dense",
+        "nonzero",
+        "equal",
+        "allclose",
+        "masked_select",
+        "_unique2",
+        "unique_dim",
+        "unique_consecutive",
+    }
+)
 INDEX_OPS = frozenset({"index", "index_put", "index_put_", "_index_put_impl_"})  # host-read with a boolean mask
 
 
@@ -62,8 +72,11 @@ def check_no_host_syncs(iteration, device: torch.device, iterations: int = 3) ->
                 iteration()
         if reads.found:
             return {"status": "failed", "note": f"ops that read device data on the host: {sorted(set(reads.found))}"}
-        return {"status": "passed", "note": f"{iterations} steps dispatched no op that reads device data on the "
-                                            "host (item, nonzero, boolean-mask indexing, ...)"}
+        return {
+            "status": "passed",
+            "note": f"{iterations} steps dispatched no op that reads device data on the "
+            "host (item, nonzero, boolean-mask indexing, ...)",
+        }
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(iterations):
@@ -132,9 +145,10 @@ class CopyCounter(TorchDispatchMode):
         return totals
 
     def rows(self) -> list[dict]:
-        return [{"stage": stage, "op": op, "where": where, "layout_change": layout, "count": count,
-                 "mb": nbytes / 2**20}
-                for (stage, op, where, layout), (count, nbytes) in sorted(self.copies.items())]
+        return [
+            {"stage": stage, "op": op, "where": where, "layout_change": layout, "count": count, "mb": nbytes / 2**20}
+            for (stage, op, where, layout), (count, nbytes) in sorted(self.copies.items())
+        ]
 
 
 def _caller() -> str:
@@ -166,5 +180,9 @@ def count_copies(iteration, set_stage_hook, iterations: int = 1) -> dict:
     for row in rows:
         row["count"] /= iterations
         row["mb"] /= iterations
-    return {"mb_per_step": sum(per_step.values()), "mb_per_stage": per_step, "copies": rows,
-            "layout_changes": sum(r["count"] for r in rows if r["layout_change"])}
+    return {
+        "mb_per_step": sum(per_step.values()),
+        "mb_per_stage": per_step,
+        "copies": rows,
+        "layout_changes": sum(r["count"] for r in rows if r["layout_change"]),
+    }

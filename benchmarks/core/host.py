@@ -37,8 +37,11 @@ def cpu_model() -> str:
 
 
 def versions() -> dict[str, str]:
-    found = {"python": platform.python_version(), "torch": torch.__version__,
-             "torchvision": importlib.metadata.version("torchvision")}
+    found = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": importlib.metadata.version("torchvision"),
+    }
     if torch.version.cuda:
         found["cuda"] = torch.version.cuda
     for name in OPTIONAL_LIBRARIES:

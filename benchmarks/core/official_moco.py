@@ -35,7 +35,7 @@ class MoCo(nn.Module):
         batch_size = keys.shape[0]
         ptr = int(self.queue_ptr)
         assert self.K % batch_size == 0
-        self.queue[:, ptr:ptr + batch_size] = keys.T
+        self.queue[:, ptr : ptr + batch_size] = keys.T
         self.queue_ptr[0] = (ptr + batch_size) % self.K
 
     def forward(self, im_q, im_k):

@@ -14,9 +14,9 @@ from pathlib import Path
 from types import ModuleType
 
 from benchmarks.suites import SUITES
-from engine.config import ConfigError, TrainConfig
-from engine.cli import parse_config
 from engine.cli import build_parser as build_train_parser
+from engine.cli import parse_config
+from engine.config import ConfigError, TrainConfig
 from pipeline.common import default_workers
 
 CHART_HELP = "a PNG from any JSON results: stacked stage breakdowns and images/s per run"
@@ -31,6 +31,7 @@ TRAIN_FLAGS_NOTE = (
 
 def count(minimum: int):
     """An argparse type: an integer of at least `minimum`."""
+
     def parse(text: str) -> int:
         value = int(text)
         if value < minimum:
@@ -41,22 +42,41 @@ def count(minimum: int):
 
 
 def add_measurement_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backend", nargs="+", default=None, metavar="NAME",
-                        help="loader backend(s), as --loader (default: train.py's --loader); the loader and "
-                             "profile suites take several")
+    parser.add_argument(
+        "--backend",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="loader backend(s), as --loader (default: train.py's --loader); the loader and "
+        "profile suites take several",
+    )
     parser.add_argument("--steps", type=count(1), default=20, help="timed steps (batches) per repeat")
     parser.add_argument("--warmup", type=count(0), default=5, help="untimed steps first (compilation, worker start)")
     parser.add_argument("--repeats", type=count(1), default=3, help="timed windows; images/s is their median")
-    parser.add_argument("--sample-images", type=count(1), default=64,
-                        help="images timed piece by piece for the torch loader's read/decode, augment, H2D")
-    parser.add_argument("--threads", type=count(1), default=None,
-                        help="torch intra-op threads (default: torch's); 1 is steadier on a shared CPU")
-    parser.add_argument("--check-syncs", action="store_true",
-                        help="run steps under torch.cuda.set_sync_debug_mode('error') on a GPU; on the CPU, "
-                             "list the ops that would sync on one (item, nonzero, boolean masks, ...)")
-    parser.add_argument("--check-copies", action="store_true",
-                        help="count, per stage, the MB that copies and layout conversions write in one step "
-                             "(copy_, clone, contiguous, cat, gathers, .to(memory_format)) and where each is issued")
+    parser.add_argument(
+        "--sample-images",
+        type=count(1),
+        default=64,
+        help="images timed piece by piece for the torch loader's read/decode, augment, H2D",
+    )
+    parser.add_argument(
+        "--threads",
+        type=count(1),
+        default=None,
+        help="torch intra-op threads (default: torch's); 1 is steadier on a shared CPU",
+    )
+    parser.add_argument(
+        "--check-syncs",
+        action="store_true",
+        help="run steps under torch.cuda.set_sync_debug_mode('error') on a GPU; on the CPU, "
+        "list the ops that would sync on one (item, nonzero, boolean masks, ...)",
+    )
+    parser.add_argument(
+        "--check-copies",
+        action="store_true",
+        help="count, per stage, the MB that copies and layout conversions write in one step "
+        "(copy_, clone, contiguous, cat, gathers, .to(memory_format)) and where each is issued",
+    )
     parser.add_argument("--trace", type=Path, metavar="DIR", help="write a torch.profiler Chrome trace here")
     parser.add_argument("--json", type=Path, metavar="FILE", help="write the results here")
     parser.add_argument("--png", type=Path, metavar="FILE", help="write a chart of the results here")
@@ -65,28 +85,35 @@ def add_measurement_flags(parser: argparse.ArgumentParser) -> None:
 def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     """Every suite's parser; the `selected` suite's module is imported for flags of its own (only that one: some
     import FFCV or kornia)."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description="Throughput benchmarks of fast-moco.",
-                                     epilog=TRAIN_FLAGS_NOTE)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks", description="Throughput benchmarks of fast-moco.", epilog=TRAIN_FLAGS_NOTE
+    )
     suites = parser.add_subparsers(dest="suite", required=True, metavar="SUITE")
     for name, (module, help_text) in SUITES.items():
-        sub = suites.add_parser(name, help=help_text, description=help_text, allow_abbrev=False,
-                                epilog=TRAIN_FLAGS_NOTE)
+        sub = suites.add_parser(
+            name, help=help_text, description=help_text, allow_abbrev=False, epilog=TRAIN_FLAGS_NOTE
+        )
         add_measurement_flags(sub)
         add_flags = getattr(importlib.import_module(module), "add_flags", None) if name == selected else None
         if add_flags:
             add_flags(sub)
     chart = suites.add_parser("chart", help=CHART_HELP, description=CHART_HELP, allow_abbrev=False)
-    chart.add_argument("results", nargs="+", type=Path, help="JSON files written by --json (folders: every JSON in "
-                                                            "them)")
+    chart.add_argument(
+        "results", nargs="+", type=Path, help="JSON files written by --json (folders: every JSON in them)"
+    )
     chart.add_argument("--png", type=Path, required=True, metavar="FILE", help="the chart to write")
     return parser
 
 
 def study_parser(study: ModuleType) -> argparse.ArgumentParser:
     """A study's own command line, `python -m benchmarks.studies.NAME [flags]`: a suite's, with no suite to name."""
-    parser = argparse.ArgumentParser(prog=f"python -m {study.__spec__.name}", description=study.__doc__,
-                                     epilog=TRAIN_FLAGS_NOTE, allow_abbrev=False,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {study.__spec__.name}",
+        description=study.__doc__,
+        epilog=TRAIN_FLAGS_NOTE,
+        allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_measurement_flags(parser)
     if hasattr(study, "add_flags"):
         study.add_flags(parser)

@@ -56,8 +56,9 @@ class Record:
 
     def to_json(self) -> dict:
         """The result's fields, unset optional ones left out, the suite's own beside them; no header."""
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                  if f.name not in ("extra", *HEADER_FIELDS)}
+        fields = {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("extra", *HEADER_FIELDS)
+        }
         kept = {name: value for name, value in fields.items() if name in ALWAYS_WRITTEN or value not in (None, {}, [])}
         return {**kept, **self.extra}
 
@@ -73,16 +74,33 @@ def peak_memory(device: torch.device) -> dict[str, float | None]:
     return {"peak_host_rss_mb": peak_host_rss_mb(), "peak_device_mb": peak_device_mb(device)}
 
 
-def header(suite: str, runtime: Runtime, cfg: TrainConfig, precision: str, opts: argparse.Namespace,
-           command: list[str]) -> dict:
-    config = {**dataclasses.asdict(cfg.data), **dataclasses.asdict(cfg.model), **dataclasses.asdict(cfg.optim),
-              **dataclasses.asdict(cfg.step)}
+def header(
+    suite: str, runtime: Runtime, cfg: TrainConfig, precision: str, opts: argparse.Namespace, command: list[str]
+) -> dict:
+    config = {
+        **dataclasses.asdict(cfg.data),
+        **dataclasses.asdict(cfg.model),
+        **dataclasses.asdict(cfg.optim),
+        **dataclasses.asdict(cfg.step),
+    }
     for key in ("loader", "knn_data"):  # the backend is per result; benchmarks run no kNN monitor
         config.pop(key)
-    config.update(precision=precision, seed=cfg.run.seed, world_size=runtime.world_size, steps=opts.steps,
-                  warmup=opts.warmup, repeats=opts.repeats, threads=torch.get_num_threads())
-    return {"suite": suite, "device": host.device_name(runtime.device), "versions": host.versions(),
-            "config": config, "command": command}
+    config.update(
+        precision=precision,
+        seed=cfg.run.seed,
+        world_size=runtime.world_size,
+        steps=opts.steps,
+        warmup=opts.warmup,
+        repeats=opts.repeats,
+        threads=torch.get_num_threads(),
+    )
+    return {
+        "suite": suite,
+        "device": host.device_name(runtime.device),
+        "versions": host.versions(),
+        "config": config,
+        "command": command,
+    }
 
 
 def document(records: list[Record]) -> dict:

@@ -11,14 +11,23 @@ from benchmarks.core.record import Record
 def label(record: Record) -> str:
     """A short name for a run: suite, backend, size, precision, and where it departs from train.py's settings."""
     c = record.config
-    departures = (("no-channels-last", not c.get("channels_last", True)), ("compile", c.get("compile", False)),
-                  ("foreach-sgd", not c.get("fused_sgd", True)), ("cudnn-benchmark", c.get("cudnn_benchmark", False)),
-                  ("cuda-graphs", c.get("cuda_graphs", False)),
-                  # results written before the fused loss existed used the concatenated logits
-                  ("concat-logits-loss", record.suite == "step" and not c.get("fused_loss", False)))
+    departures = (
+        ("no-channels-last", not c.get("channels_last", True)),
+        ("compile", c.get("compile", False)),
+        ("foreach-sgd", not c.get("fused_sgd", True)),
+        ("cudnn-benchmark", c.get("cudnn_benchmark", False)),
+        ("cuda-graphs", c.get("cuda_graphs", False)),
+        # results written before the fused loss existed used the concatenated logits
+        ("concat-logits-loss", record.suite == "step" and not c.get("fused_loss", False)),
+    )
     model = f" {c['arch']}" if record.suite in ("step", "e2e", "stages", "train", "checkpoint") else ""
-    return " ".join([f"{record.suite}:{record.backend}{model} b{c['batch_size']} {c['image_size']}px",
-                     c["precision"], *(name for name, departs in departures if departs)])
+    return " ".join(
+        [
+            f"{record.suite}:{record.backend}{model} b{c['batch_size']} {c['image_size']}px",
+            c["precision"],
+            *(name for name, departs in departures if departs),
+        ]
+    )
 
 
 def plural(count: int, noun: str) -> str:
@@ -36,17 +45,20 @@ def run_summary(record: Record) -> str:
         return record.settings
     c = record.config
     model = "" if record.suite == "loader" else f"{c['arch']}, K {c['moco_k']}, "
-    return (f"{model}batch {c['batch_size']}, {c['image_size']} px, {c['precision']}, "
-            f"{plural(c['workers'], 'worker')}")
+    return f"{model}batch {c['batch_size']}, {c['image_size']} px, {c['precision']}, {plural(c['workers'], 'worker')}"
 
 
 def figures(record: Record) -> list[tuple[str, str]]:
-    rows = [("device", f"{record.device} x{record.config['world_size']}"),
-            ("run", run_summary(record)),
-            ("images/s", f"{record.images_per_s:,.1f}"),
-            ("host CPU ms per image", cpu_ms(record))]
-    for value, name in ((record.loader_images_per_s, "loader alone, images/s"),
-                        (record.step_images_per_s, "step alone, images/s")):
+    rows = [
+        ("device", f"{record.device} x{record.config['world_size']}"),
+        ("run", run_summary(record)),
+        ("images/s", f"{record.images_per_s:,.1f}"),
+        ("host CPU ms per image", cpu_ms(record)),
+    ]
+    for value, name in (
+        (record.loader_images_per_s, "loader alone, images/s"),
+        (record.step_images_per_s, "step alone, images/s"),
+    ):
         if value is not None:
             rows.append((name, f"{value:,.1f}"))
     if "checkpoint_mb" in record.extra:
@@ -103,13 +115,21 @@ def ratios_to_first(stages: dict[str, float], names: list[str]) -> list[str]:
 
 
 def print_copies(check: dict, console: Console) -> None:
-    table = Table(title=f"copies in one step: {check['mb_per_step']:,.1f} MB written, "
-                        f"{check['layout_changes']:g} layout changes", title_justify="left")
+    table = Table(
+        title=f"copies in one step: {check['mb_per_step']:,.1f} MB written, {check['layout_changes']:g} layout changes",
+        title_justify="left",
+    )
     for column in ("stage", "op", "issued at", "layout change", "count", "MB"):
         table.add_column(column, justify="right" if column in ("count", "MB") else "left", overflow="fold")
     for row in check["copies"]:
-        table.add_row(row["stage"], row["op"], row["where"], "yes" if row["layout_change"] else "",
-                      f"{row['count']:g}", f"{row['mb']:,.2f}")
+        table.add_row(
+            row["stage"],
+            row["op"],
+            row["where"],
+            "yes" if row["layout_change"] else "",
+            f"{row['count']:g}",
+            f"{row['mb']:,.2f}",
+        )
     console.print(table)
 
 

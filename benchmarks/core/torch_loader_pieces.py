@@ -42,8 +42,12 @@ def measure(cfg: TrainConfig, runtime: Runtime, precision: str, sample: int) -> 
             im_q, im_k = (torch.stack([pair[v] for pair in views]) for v in (0, 1))
     per_batch = batch / len(indices)
     normalize = DeviceNormalize(recipe.mean, recipe.std, runtime.device, workload.input_dtype(precision))
-    return {"read_decode": read_decode.ms * per_batch, "augment": augment.ms * per_batch,
-            "collate": collate.ms * per_batch, "h2d": h2d_ms(im_q, im_k, batch, normalize)}
+    return {
+        "read_decode": read_decode.ms * per_batch,
+        "augment": augment.ms * per_batch,
+        "collate": collate.ms * per_batch,
+        "h2d": h2d_ms(im_q, im_k, batch, normalize),
+    }
 
 
 def h2d_ms(im_q: torch.Tensor, im_k: torch.Tensor, batch: int, normalize: DeviceNormalize) -> float:
@@ -53,5 +57,6 @@ def h2d_ms(im_q: torch.Tensor, im_k: torch.Tensor, batch: int, normalize: Device
     im_q, im_k = (x.repeat(math.ceil(batch / len(x)), 1, 1, 1)[:batch] for x in (im_q, im_k))
     if device.type == "cuda":
         im_q, im_k = im_q.pin_memory(), im_k.pin_memory()
-    return statistics.median(timing.timed_window(device, lambda: (normalize(im_q), normalize(im_k)), 1).ms
-                             for _ in range(5))
+    return statistics.median(
+        timing.timed_window(device, lambda: (normalize(im_q), normalize(im_k)), 1).ms for _ in range(5)
+    )

@@ -11,13 +11,13 @@ import torch
 
 from benchmarks.core import timing
 from benchmarks.core.record import Record, peak_memory
-from engine.config import TrainConfig
+from engine.builders import build_model, build_step, build_train_loader
 from engine.cli import loader_options, validate
+from engine.config import TrainConfig
 from engine.distributed import Runtime
 from engine.optim import build_optimizer
-from engine.step import AMP_DTYPES
-from engine.builders import build_model, build_step, build_train_loader
 from engine.reporting import progress_bar
+from engine.step import AMP_DTYPES
 from engine.trainer import Trainer
 
 
@@ -60,17 +60,29 @@ def moco_step(cfg: TrainConfig, runtime: Runtime, precision: str):
 
 def benchmark_trainer(cfg: TrainConfig, out: str, batches: int) -> Trainer:
     """A trainer for `cfg` that writes nothing worth keeping: no kNN monitor, no checkpoints, a scratch folder."""
-    run = dataclasses.replace(cfg.run, out=out, knn_every=0, checkpoint_minutes=0, checkpoint_steps=0, resume=None,
-                              max_steps=batches if cfg.data.loader == "synthetic" else None)
+    run = dataclasses.replace(
+        cfg.run,
+        out=out,
+        knn_every=0,
+        checkpoint_minutes=0,
+        checkpoint_steps=0,
+        resume=None,
+        max_steps=batches if cfg.data.loader == "synthetic" else None,
+    )
     trainer = Trainer(dataclasses.replace(cfg, run=run))
     trainer.build()
     trainer.report.progress = progress_bar(False)
     return trainer
 
 
-def throughput_record(backend: str, windows: list[timing.Window], cfg: TrainConfig, runtime: Runtime,
-                      **fields) -> Record:
+def throughput_record(
+    backend: str, windows: list[timing.Window], cfg: TrainConfig, runtime: Runtime, **fields
+) -> Record:
     """The figures every throughput suite reports for a backend: images/s, host CPU per image, memory."""
-    return Record(backend, timing.images_per_s(windows, cfg.optim.batch_size),
-                  timing.cpu_s_per_image(windows, per_rank_batch(cfg, runtime)), **peak_memory(runtime.device),
-                  **fields)
+    return Record(
+        backend,
+        timing.images_per_s(windows, cfg.optim.batch_size),
+        timing.cpu_s_per_image(windows, per_rank_batch(cfg, runtime)),
+        **peak_memory(runtime.device),
+        **fields,
+    )

@@ -45,13 +45,14 @@ def kornia_augment(recipe: AugRecipe, device: torch.device, dtype: torch.dtype):
     def augment(im_q: torch.Tensor, im_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         both = torch.cat([im_q, im_k]).to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
         out = ops(both).to(dtype, memory_format=torch.channels_last)
-        return out[: len(im_q)], out[len(im_q):]
+        return out[: len(im_q)], out[len(im_q) :]
 
     return augment
 
 
-def time_interleaved(sides: dict, im_q: torch.Tensor, im_k: torch.Tensor, repeats: int,
-                     warmup: int = 2) -> dict[str, list[float]]:
+def time_interleaved(
+    sides: dict, im_q: torch.Tensor, im_k: torch.Tensor, repeats: int, warmup: int = 2
+) -> dict[str, list[float]]:
     """ms per call of each side, device work included; sides alternate so drifting load hits both alike."""
     for augment in sides.values():
         for _ in range(warmup):
@@ -69,25 +70,40 @@ def run(cfg: TrainConfig, runtime: Runtime, precision: str, opts: argparse.Names
     try:
         import kornia  # noqa: F401
     except ImportError:
-        raise ConfigError("the augment study compares against kornia, which is not installed: pip install kornia") \
-            from None
+        raise ConfigError(
+            "the augment study compares against kornia, which is not installed: pip install kornia"
+        ) from None
     device, recipe = runtime.device, get_recipe(cfg.data.aug)
     batch, size = cfg.optim.batch_size, cfg.data.image_size
     gen = torch.Generator(device=device).manual_seed(cfg.run.seed)
-    im_q, im_k = (torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device, generator=gen)
-                  .contiguous(memory_format=torch.channels_last) for _ in range(2))
+    im_q, im_k = (
+        torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device, generator=gen).contiguous(
+            memory_format=torch.channels_last
+        )
+        for _ in range(2)
+    )
     sides = {"ours": TwoViewAugment(recipe, device=device), "kornia": kornia_augment(recipe, device, torch.float32)}
     records = []
     for name, samples in time_interleaved(sides, im_q, im_k, opts.repeats, opts.warmup).items():
         ms = statistics.median(samples)
-        records.append(Record(
-            name, 2 * batch / (ms / 1e3), None, {"augment": ms}, **peak_memory(device),
-            stage_groups={"two views, one call": ["augment"]},
-            notes=["ours: a random op order per sample, every op run on the whole batch with identity parameters "
-                   "where skipped (no host sync); kornia: one op order per batch, each op run on the selected "
-                   "samples only (boolean indexing, a host sync per op)"],
-            extra={"ms_per_call_each_repeat": [round(s, 1) for s in samples]}))
+        records.append(
+            Record(
+                name,
+                2 * batch / (ms / 1e3),
+                None,
+                {"augment": ms},
+                **peak_memory(device),
+                stage_groups={"two views, one call": ["augment"]},
+                notes=[
+                    "ours: a random op order per sample, every op run on the whole batch with identity parameters "
+                    "where skipped (no host sync); kornia: one op order per batch, each op run on the selected "
+                    "samples only (boolean indexing, a host sync per op)"
+                ],
+                extra={"ms_per_call_each_repeat": [round(s, 1) for s in samples]},
+            )
+        )
     return records
+
 
 if __name__ == "__main__":
     sys.exit(main(study=sys.modules[__name__]))

@@ -44,16 +44,27 @@ from benchmarks.tools.imagenet_like import generate
 from engine.config import TrainConfig
 from engine.distributed import Runtime
 from pipeline.augs import get_recipe
-from pipeline.ffcv_loader import (DECODES, field_values, label_pipeline, make_ffcv_loader, read_beton,
-                                  resolve_order, view_pipelines)
+from pipeline.ffcv_loader import (
+    DECODES,
+    field_values,
+    label_pipeline,
+    make_ffcv_loader,
+    read_beton,
+    resolve_order,
+    view_pipelines,
+)
 from pipeline.ffcv_writer import IMAGE_FIELD, LABEL_FIELD, write_beton
 from pipeline.torch_loader import build as build_torch_loader
 
 SUITE = "ffcv-cost"  # the name its results carry
 IMAGE_SIZE, BATCH_SIZE = 224, 64
 # (name, --max-resolution, --compress-probability) of the .betons measured.
-BETONS = (("ffcv 256px, 50% JPEG", 256, 0.5), ("ffcv 256px, all JPEG", 256, 1.0),
-          ("ffcv full res, 50% JPEG", None, 0.5), ("ffcv full res, all JPEG", None, 1.0))
+BETONS = (
+    ("ffcv 256px, 50% JPEG", 256, 0.5),
+    ("ffcv 256px, all JPEG", 256, 1.0),
+    ("ffcv full res, 50% JPEG", None, 0.5),
+    ("ffcv full res, all JPEG", None, 1.0),
+)
 
 
 @dataclasses.dataclass
@@ -75,8 +86,9 @@ def measure_epochs(batches, epochs: int) -> tuple[list[float], list[float]]:
 
 
 def torch_side(name: str, data: Path, aug, stored: str, epochs: int) -> Side:
-    loader = build_torch_loader(str(data), batch_size=BATCH_SIZE, image_size=IMAGE_SIZE, device="cpu", aug=aug,
-                                num_workers=0)
+    loader = build_torch_loader(
+        str(data), batch_size=BATCH_SIZE, image_size=IMAGE_SIZE, device="cpu", aug=aug, num_workers=0
+    )
     with host.torch_threads(1):  # as in a DataLoader worker
         return Side(name, stored, *measure_epochs(lambda: iter(loader.loader), epochs))
 
@@ -87,44 +99,67 @@ def loader_with_ffcv_flip(beton: Path, threads: int):
     views = view_pipelines(recipe, IMAGE_SIZE, cpu, decode="twice")
     for spec in views.values():
         spec.transforms.insert(1, RandomHorizontalFlip(recipe.flip_prob))  # after the decoder
-    return Loader(str(beton), batch_size=BATCH_SIZE, num_workers=threads, os_cache=False,
-                  order=OrderOption.QUASI_RANDOM, seed=0, drop_last=True, batches_ahead=3,
-                  pipelines={LABEL_FIELD: label_pipeline(cpu), IMAGE_FIELD: None, **views})
+    return Loader(
+        str(beton),
+        batch_size=BATCH_SIZE,
+        num_workers=threads,
+        os_cache=False,
+        order=OrderOption.QUASI_RANDOM,
+        seed=0,
+        drop_last=True,
+        batches_ahead=3,
+        pipelines={LABEL_FIELD: label_pipeline(cpu), IMAGE_FIELD: None, **views},
+    )
 
 
-def ffcv_side(name: str, beton: Path, threads: int, epochs: int, decode: str = "twice",
-              ffcv_flip: bool = False) -> Side:
+def ffcv_side(
+    name: str, beton: Path, threads: int, epochs: int, decode: str = "twice", ffcv_flip: bool = False
+) -> Side:
     """FFCV's loader on `beton` with `threads` decoding threads, besides its batch thread and this one."""
     reader = read_beton(beton)
     images = field_values(reader, IMAGE_FIELD)
     jpeg_share = float((images["mode"] == 0).mean())
-    stored = (f"{images['width'].mean():.0f}x{images['height'].mean():.0f} mean, {jpeg_share:.0%} JPEG q90, "
-              f"{beton.stat().st_size / 2**20:.0f} MiB")
+    stored = (
+        f"{images['width'].mean():.0f}x{images['height'].mean():.0f} mean, {jpeg_share:.0%} JPEG q90, "
+        f"{beton.stat().st_size / 2**20:.0f} MiB"
+    )
     if ffcv_flip:
         loader, name = loader_with_ffcv_flip(beton, threads), name + ", decode twice + FFCV flip"
     else:
         name += f", decode {decode}"
         order, os_cache = resolve_order(None, None, 1)
-        loader = make_ffcv_loader(beton, batch_size=BATCH_SIZE, image_size=IMAGE_SIZE, device=torch.device("cpu"),
-                                  recipe=get_recipe("v2"), rank=0, world_size=1, seed=0, order=order,
-                                  os_cache=os_cache, num_workers=threads, batches_ahead=3, decode=decode)
-    return Side(f"{name}, {report.plural(threads, 'thread')}", stored,
-                *measure_epochs(lambda: iter(loader), epochs))
+        loader = make_ffcv_loader(
+            beton,
+            batch_size=BATCH_SIZE,
+            image_size=IMAGE_SIZE,
+            device=torch.device("cpu"),
+            recipe=get_recipe("v2"),
+            rank=0,
+            world_size=1,
+            seed=0,
+            order=order,
+            os_cache=os_cache,
+            num_workers=threads,
+            batches_ahead=3,
+            decode=decode,
+        )
+    return Side(f"{name}, {report.plural(threads, 'thread')}", stored, *measure_epochs(lambda: iter(loader), epochs))
 
 
 def jpeg_folder_description(root: Path) -> str:
     paths = sorted(root.rglob("*.jpg"))
     sizes = np.array([Image.open(p).size for p in paths])
     megabytes = sum(p.stat().st_size for p in paths) / 2**20
-    return (f"{len(paths)} JPEGs q90, {sizes[:, 0].mean():.0f}x{sizes[:, 1].mean():.0f} mean, "
-            f"{megabytes:.0f} MiB")
+    return f"{len(paths)} JPEGs q90, {sizes[:, 0].mean():.0f}x{sizes[:, 1].mean():.0f} mean, {megabytes:.0f} MiB"
 
 
 def sides_of(data: Path, work: Path, thread_counts: list[int], epochs: int) -> list[Side]:
     stored = jpeg_folder_description(data)
     crop_flip_only = dataclasses.replace(get_recipe("v2"), jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0)
-    sides = [torch_side("torch v2", data, "v2", stored, epochs),
-             torch_side("torch crop+flip", data, crop_flip_only, stored, epochs)]
+    sides = [
+        torch_side("torch v2", data, "v2", stored, epochs),
+        torch_side("torch crop+flip", data, crop_flip_only, stored, epochs),
+    ]
     for index, (name, max_resolution, compress_probability) in enumerate(BETONS):
         beton = work / f"dataset_{index}.beton"
         write_beton(str(data), beton, max_resolution=max_resolution, compress_probability=compress_probability)
@@ -136,18 +171,27 @@ def sides_of(data: Path, work: Path, thread_counts: list[int], epochs: int) -> l
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--images", type=int, default=2000,
-                        help="ImageNet-like JPEGs to generate when --data is not an image folder")
-    parser.add_argument("--thread-counts", type=int, nargs="+", default=None,
-                        help="FFCV thread counts to measure (default: 1 and all cores)")
+    parser.add_argument(
+        "--images", type=int, default=2000, help="ImageNet-like JPEGs to generate when --data is not an image folder"
+    )
+    parser.add_argument(
+        "--thread-counts",
+        type=int,
+        nargs="+",
+        default=None,
+        help="FFCV thread counts to measure (default: 1 and all cores)",
+    )
 
 
 def run(cfg: TrainConfig, runtime: Runtime, precision: str, opts: argparse.Namespace) -> list[dict]:
     thread_counts = opts.thread_counts or sorted({1, host.cores()})
     with tempfile.TemporaryDirectory(prefix="ffcv_cost_") as tmp:
         work = Path(tmp)
-        data = Path(cfg.data.data) if Path(cfg.data.data).is_dir() else generate(work / "jpegs", opts.images,
-                                                                                  seed=0, show_progress=True)
+        data = (
+            Path(cfg.data.data)
+            if Path(cfg.data.data).is_dir()
+            else generate(work / "jpegs", opts.images, seed=0, show_progress=True)
+        )
         sides = sides_of(data, work, thread_counts, opts.repeats)
     return records(sides, opts.repeats, thread_counts)
 
@@ -155,17 +199,29 @@ def run(cfg: TrainConfig, runtime: Runtime, precision: str, opts: argparse.Names
 def records(sides: list[Side], repeats: int, thread_counts: list[int]) -> list[Record]:
     """One result per side; its settings are this study's (batch, view size, stored data), not train.py's."""
     cpu_s = {side.name: statistics.median(side.cpu_s_per_image) for side in sides}
-    return [Record(
-        side.name, statistics.median(side.images_per_s), cpu_s[side.name],
-        {"cpu_ms_per_image": 1e3 * cpu_s[side.name]}, **peak_memory(torch.device("cpu")),
-        stage_groups={"host CPU per image, two 224 px views": ["cpu_ms_per_image"]},
-        settings=f"batch {BATCH_SIZE}, two {IMAGE_SIZE} px views per image, from {side.stored}",
-        notes=[f"median over {report.plural(repeats, 'epoch')} of process CPU seconds (all threads) / images; "
-               f"target: ffcv <= 1/10 of torch v2", f"FFCV thread counts {thread_counts}, torch threads 1"],
-        extra={"stored": side.stored, "cpu_ms_per_image_epochs": [1e3 * c for c in side.cpu_s_per_image],
-               "fraction_of_torch_v2": cpu_s[side.name] / cpu_s["torch v2"],
-               "fraction_of_torch_crop_flip": cpu_s[side.name] / cpu_s["torch crop+flip"]})
-        for side in sides]
+    return [
+        Record(
+            side.name,
+            statistics.median(side.images_per_s),
+            cpu_s[side.name],
+            {"cpu_ms_per_image": 1e3 * cpu_s[side.name]},
+            **peak_memory(torch.device("cpu")),
+            stage_groups={"host CPU per image, two 224 px views": ["cpu_ms_per_image"]},
+            settings=f"batch {BATCH_SIZE}, two {IMAGE_SIZE} px views per image, from {side.stored}",
+            notes=[
+                f"median over {report.plural(repeats, 'epoch')} of process CPU seconds (all threads) / images; "
+                f"target: ffcv <= 1/10 of torch v2",
+                f"FFCV thread counts {thread_counts}, torch threads 1",
+            ],
+            extra={
+                "stored": side.stored,
+                "cpu_ms_per_image_epochs": [1e3 * c for c in side.cpu_s_per_image],
+                "fraction_of_torch_v2": cpu_s[side.name] / cpu_s["torch v2"],
+                "fraction_of_torch_crop_flip": cpu_s[side.name] / cpu_s["torch crop+flip"],
+            },
+        )
+        for side in sides
+    ]
 
 
 if __name__ == "__main__":

@@ -52,17 +52,29 @@ def measure(cfg: TrainConfig, runtime: Runtime, precision: str, opts: argparse.N
     during_ms = statistics.median(during) if during else alone_ms
     images = len(alone) * workload.per_rank_batch(cfg, runtime)
     return Record(
-        "synthetic", cfg.optim.batch_size / (alone_ms / 1e3), cpu_s / images,
-        {"loop_pause": statistics.median(pauses), "background_write": statistics.median(writes),
-         "step_alone": alone_ms, "step_during_write": during_ms},
+        "synthetic",
+        cfg.optim.batch_size / (alone_ms / 1e3),
+        cpu_s / images,
+        {
+            "loop_pause": statistics.median(pauses),
+            "background_write": statistics.median(writes),
+            "step_alone": alone_ms,
+            "step_during_write": during_ms,
+        },
         **peak_memory(device),
-        stage_groups={"on the loop's thread": ["loop_pause"], "on the writer's thread": ["background_write"],
-                      "one step": ["step_alone", "step_during_write"]},
+        stage_groups={
+            "on the loop's thread": ["loop_pause"],
+            "on the writer's thread": ["background_write"],
+            "one step": ["step_alone", "step_during_write"],
+        },
         alternative_groups=["one step"],
-        notes=[f"checkpoint_last of {statistics.median(sizes):,.0f} MB (model, queue, optimizer, config, RNG); "
-               f"loop_pause copies it to host memory, background_write pickles, writes and fsyncs it",
-               overlap_note(len(during), opts.repeats)],
-        extra={"checkpoint_mb": statistics.median(sizes)})
+        notes=[
+            f"checkpoint_last of {statistics.median(sizes):,.0f} MB (model, queue, optimizer, config, RNG); "
+            f"loop_pause copies it to host memory, background_write pickles, writes and fsyncs it",
+            overlap_note(len(during), opts.repeats),
+        ],
+        extra={"checkpoint_mb": statistics.median(sizes)},
+    )
 
 
 def overlap_note(steps_during: int, writes: int) -> str:

@@ -67,18 +67,29 @@ def measure_trainer(trainer: Trainer, cfg: TrainConfig, runtime: Runtime, backen
         workers_rss = max(workers_rss, host.children_rss_mb())
     e2e_ms, wait_ms = timing.ms_per_iteration(windows), statistics.median(1e3 * w / opts.steps for w in waits)
     record = workload.throughput_record(
-        backend, windows, cfg, runtime, workers_rss_mb=workers_rss,
+        backend,
+        windows,
+        cfg,
+        runtime,
+        workers_rss_mb=workers_rss,
         stages={"data_wait": wait_ms, "step_and_loop": e2e_ms - wait_ms},
         stage_groups={"end to end": ["data_wait", "step_and_loop"]},
-        totals={"e2e_step_ms": e2e_ms, "data_wait_ms": wait_ms}, data_wait_fraction=wait_ms / e2e_ms,
-        notes=["data_wait: the trainer's own measure, host time blocked in next(loader); on a GPU earlier steps "
-               "may still be running then",
-               "run by the trainer's epoch loop: lr set every step, check-ins every --print-freq steps"])
+        totals={"e2e_step_ms": e2e_ms, "data_wait_ms": wait_ms},
+        data_wait_fraction=wait_ms / e2e_ms,
+        notes=[
+            "data_wait: the trainer's own measure, host time blocked in next(loader); on a GPU earlier steps "
+            "may still be running then",
+            "run by the trainer's epoch loop: lr set every step, check-ins every --print-freq steps",
+        ],
+    )
     if opts.trace:
         eager = getattr(trainer.train_step, "step", trainer.train_step)
         trainer.moco.stage = eager.stage = torch.profiler.record_function
-        record.traces = [diagnostics.write_trace(lambda: epoch_of(min(opts.steps, 5)), device, 1, opts.trace,
-                                                 f"e2e_{backend}_rank{runtime.rank}")]
+        record.traces = [
+            diagnostics.write_trace(
+                lambda: epoch_of(min(opts.steps, 5)), device, 1, opts.trace, f"e2e_{backend}_rank{runtime.rank}"
+            )
+        ]
         trainer.moco.stage = eager.stage = no_stage
     return record
 

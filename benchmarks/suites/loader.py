@@ -30,13 +30,22 @@ def measure(cfg: TrainConfig, runtime: Runtime, precision: str, backend: str, op
     for _ in range(opts.repeats):
         windows.append(timing.timed_window(device, next_batch, opts.steps))
         workers_rss = max(workers_rss, host.children_rss_mb())
-    record = workload.throughput_record(backend, windows, cfg, runtime, workers_rss_mb=workers_rss,
-                                        stages={"next_batch": timing.ms_per_iteration(windows)},
-                                        stage_groups={"loader (wall)": ["next_batch"]},
-                                        notes=[loader_note(backend, cfg)])
+    record = workload.throughput_record(
+        backend,
+        windows,
+        cfg,
+        runtime,
+        workers_rss_mb=workers_rss,
+        stages={"next_batch": timing.ms_per_iteration(windows)},
+        stage_groups={"loader (wall)": ["next_batch"]},
+        notes=[loader_note(backend, cfg)],
+    )
     if opts.trace:
-        record.traces = [diagnostics.write_trace(next_batch, device, min(opts.steps, 5), opts.trace,
-                                                 f"loader_{backend}_rank{runtime.rank}")]
+        record.traces = [
+            diagnostics.write_trace(
+                next_batch, device, min(opts.steps, 5), opts.trace, f"loader_{backend}_rank{runtime.rank}"
+            )
+        ]
     return record
 
 

@@ -69,10 +69,12 @@ def lightly_step(cfg: TrainConfig, device: torch.device, amp_dtype):
 
 def official_step(cfg: TrainConfig, device: torch.device, amp_dtype):
     m = cfg.model
-    model = official_moco.MoCo(functools.partial(build_encoder, m.arch), m.moco_dim, m.moco_k, m.moco_m, m.moco_t,
-                               m.mlp).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), cfg.optim.lr, momentum=cfg.optim.momentum,
-                                weight_decay=cfg.optim.wd)
+    model = official_moco.MoCo(
+        functools.partial(build_encoder, m.arch), m.moco_dim, m.moco_k, m.moco_m, m.moco_t, m.mlp
+    ).to(device)
+    optimizer = torch.optim.SGD(
+        model.parameters(), cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.wd
+    )
 
     def step(im_q, im_k):
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -121,26 +123,44 @@ def run(cfg: TrainConfig, runtime: Runtime, precision: str, opts: argparse.Names
         for side in SIDES:
             windows[side].append(timing.timed_window(device, iterations[side], opts.steps))
     speed = {side: timing.images_per_s(windows[side], batch) for side in SIDES}
-    return [workload.throughput_record(
-        side, windows[side], cfg, runtime, stages={"step": timing.ms_per_iteration(windows[side])},
-        notes=["interleaved windows: " + " ".join(SIDES)],
-        extra={"images_per_s_per_repeat": [w.iterations * batch / w.seconds for w in windows[side]],
-               "ratios": {f"vs {peer}": speed[side] / speed[peer] for peer in ("official", "lightly")
-                          if side.startswith("ours")}})
-        for side in SIDES]
+    return [
+        workload.throughput_record(
+            side,
+            windows[side],
+            cfg,
+            runtime,
+            stages={"step": timing.ms_per_iteration(windows[side])},
+            notes=["interleaved windows: " + " ".join(SIDES)],
+            extra={
+                "images_per_s_per_repeat": [w.iterations * batch / w.seconds for w in windows[side]],
+                "ratios": {
+                    f"vs {peer}": speed[side] / speed[peer]
+                    for peer in ("official", "lightly")
+                    if side.startswith("ours")
+                },
+            },
+        )
+        for side in SIDES
+    ]
 
 
 def print_records(records: list[Record], console: Console) -> None:
     head = records[0]
     rows = dict(report.figures(head))
-    table = Table(title=f"peers suite: {rows['run']}, {head.config['threads']} threads, {rows['device']}",
-                  title_justify="left")
+    table = Table(
+        title=f"peers suite: {rows['run']}, {head.config['threads']} threads, {rows['device']}", title_justify="left"
+    )
     for column in ("side", "images/s (median)", "per repeat", "host CPU ms/image", "vs official", "vs lightly"):
         table.add_column(column, justify="left" if column == "side" else "right")
     for r in records:
         per_repeat = " ".join(f"{v:.2f}" for v in r.extra["images_per_s_per_repeat"])
         ratios = r.extra.get("ratios", {})
-        table.add_row(r.backend, f"{r.images_per_s:.2f}", per_repeat, report.cpu_ms(r),
-                      *(f"{ratios[k]:.2f}x" if k in ratios else "" for k in ("vs official", "vs lightly")))
+        table.add_row(
+            r.backend,
+            f"{r.images_per_s:.2f}",
+            per_repeat,
+            report.cpu_ms(r),
+            *(f"{ratios[k]:.2f}x" if k in ratios else "" for k in ("vs official", "vs lightly")),
+        )
     console.print(table)
     console.print(f"[dim]note: {head.notes[0]}[/dim]")

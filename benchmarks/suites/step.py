@@ -63,20 +63,32 @@ def measure(cfg: TrainConfig, runtime: Runtime, precision: str, opts: argparse.N
     if runtime.world_size > 1:
         stages["all_gathers"] = all_gathers_ms(batches[0][1], cfg.model.moco_dim, opts.steps)
         groups[COLLECTIVES] = ["all_gathers"]
-        notes.append("all_gathers: the step's three all-gathers timed alone; shuffle, unshuffle and queue_update "
-                     "already include them, and backward includes DDP's gradient all-reduce")
+        notes.append(
+            "all_gathers: the step's three all-gathers timed alone; shuffle, unshuffle and queue_update "
+            "already include them, and backward includes DDP's gradient all-reduce"
+        )
     else:
         notes.append("single device: Shuffle BN is emulated (split BN), so the step has no all-gathers")
     if eager is not step:
         notes.append("cuda graphs: images/s and step_ms from graph replays; the stages from eager steps")
-    record = workload.throughput_record("synthetic", windows, cfg, runtime, stages=stages, stage_groups=groups,
-                                        totals={"step_ms": timing.ms_per_iteration(windows),
-                                                "step_ms_instrumented": statistics.fmean(t.total_ms for t in typical),
-                                                "stage_sum_ms": sum(stages[name] for name in groups["step"])},
-                                        notes=notes)
+    record = workload.throughput_record(
+        "synthetic",
+        windows,
+        cfg,
+        runtime,
+        stages=stages,
+        stage_groups=groups,
+        totals={
+            "step_ms": timing.ms_per_iteration(windows),
+            "step_ms_instrumented": statistics.fmean(t.total_ms for t in typical),
+            "stage_sum_ms": sum(stages[name] for name in groups["step"]),
+        },
+        notes=notes,
+    )
     if opts.check_syncs:
         record.sync_check = diagnostics.check_no_host_syncs(one_step, device)
     if opts.check_copies:
+
         def install(stage):
             set_stage(moco, eager, stage)
             return lambda: set_stage(moco, eager, no_stage)
@@ -86,8 +98,9 @@ def measure(cfg: TrainConfig, runtime: Runtime, precision: str, opts: argparse.N
             notes.append("copies: compiled regions run as fused kernels, whose copies are no ATen ops to count")
     if opts.trace:
         set_stage(moco, eager, torch.profiler.record_function)
-        record.traces = [diagnostics.write_trace(one_step, device, min(opts.steps, 5), opts.trace,
-                                                 f"step_rank{runtime.rank}")]
+        record.traces = [
+            diagnostics.write_trace(one_step, device, min(opts.steps, 5), opts.trace, f"step_rank{runtime.rank}")
+        ]
         set_stage(moco, eager, no_stage)
     return record
 

@@ -23,8 +23,11 @@ from evaluation import lincls
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--linear-probe", action="store_true",
-                        help="then the linear probe (python -m evaluation.lincls) on the final checkpoint")
+    parser.add_argument(
+        "--linear-probe",
+        action="store_true",
+        help="then the linear probe (python -m evaluation.lincls) on the final checkpoint",
+    )
 
 
 def run(cfg: TrainConfig, runtime: Runtime, precision: str, opts: argparse.Namespace) -> list[Record]:
@@ -45,16 +48,27 @@ def run(cfg: TrainConfig, runtime: Runtime, precision: str, opts: argparse.Names
     wait = statistics.median(r["data_wait"] for r in epochs)
     images = len(epochs) * trainer.steps * cfg.optim.batch_size
     knn = [r for r in rows if r["knn_top1"] is not None]
-    return [Record(
-        cfg.data.loader, statistics.median(r["img_per_s"] for r in epochs), whole.cpu_seconds / images,
-        {"data_wait": wait * step_ms, "step_and_loop": (1 - wait) * step_ms}, **peak_memory(runtime.device),
-        stage_groups={"one step of training (median epoch)": ["data_wait", "step_and_loop"]},
-        data_wait_fraction=wait,
-        notes=["host CPU per image: the whole run (kNN monitor and checkpoints included) over the trained images",
-               "kNN: weighted, k=--knn-k, T=--knn-t, --knn-train-samples bank, --knn-val-samples queries"],
-        extra={"metrics": rows,
-               "knn_top1": {"random_init": knn[0]["knn_top1"], "final": knn[-1]["knn_top1"]} if knn else None,
-               "linear_probe_top1": probe, "wall_s": whole.seconds})]
+    return [
+        Record(
+            cfg.data.loader,
+            statistics.median(r["img_per_s"] for r in epochs),
+            whole.cpu_seconds / images,
+            {"data_wait": wait * step_ms, "step_and_loop": (1 - wait) * step_ms},
+            **peak_memory(runtime.device),
+            stage_groups={"one step of training (median epoch)": ["data_wait", "step_and_loop"]},
+            data_wait_fraction=wait,
+            notes=[
+                "host CPU per image: the whole run (kNN monitor and checkpoints included) over the trained images",
+                "kNN: weighted, k=--knn-k, T=--knn-t, --knn-train-samples bank, --knn-val-samples queries",
+            ],
+            extra={
+                "metrics": rows,
+                "knn_top1": {"random_init": knn[0]["knn_top1"], "final": knn[-1]["knn_top1"]} if knn else None,
+                "linear_probe_top1": probe,
+                "wall_s": whole.seconds,
+            },
+        )
+    ]
 
 
 def linear_probe(cfg: TrainConfig, checkpoint: Path) -> float:

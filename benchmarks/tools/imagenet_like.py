@@ -47,8 +47,9 @@ def make_image(photos: list[Image.Image], rng: np.random.Generator) -> Image.Ima
     return Image.fromarray(np.clip(shifted, 0, 255).astype(np.uint8))
 
 
-def generate(out: Path, images: int, classes: int = 10, quality: int = 90, seed: int = 0,
-             show_progress: bool = True) -> Path:
+def generate(
+    out: Path, images: int, classes: int = 10, quality: int = 90, seed: int = 0, show_progress: bool = True
+) -> Path:
     """Write `images` JPEGs in `classes` folders under `out`; returns `out`."""
     rng = np.random.default_rng(seed)
     photos = _photos()
