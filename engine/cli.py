@@ -8,11 +8,13 @@ import argparse
 import dataclasses
 import importlib
 import inspect
+import tomllib
 import typing
+from pathlib import Path
 
 import torch
 
-from engine.config import PRESETS, ConfigError, TrainConfig
+from engine.config import ConfigError, TrainConfig
 from engine.optim import OPTIMIZERS, SCHEDULES
 from engine.step import AMP_DTYPES, resolve_precision
 from evaluation.cli import HelpFormatter
@@ -36,6 +38,46 @@ def choices() -> dict[str, tuple[str, ...]]:
     }
 
 
+RECIPES = Path(__file__).resolve().parents[1] / "configs"  # configs/NAME.toml: --config NAME
+
+
+def recipe_names() -> list[str]:
+    return sorted(path.stem for path in RECIPES.glob("*.toml"))
+
+
+def recipe_path(name_or_path: str) -> Path:
+    """A recipe by name (configs/NAME.toml) or by path."""
+    path = (
+        RECIPES / f"{name_or_path}.toml"
+        if "/" not in name_or_path and not name_or_path.endswith(".toml")
+        else Path(name_or_path)
+    )
+    if not path.is_file():
+        raise ConfigError(
+            f"--config {name_or_path}: no such file or recipe; the recipes are: {', '.join(recipe_names())}"
+        )
+    return path
+
+
+def read_recipe(path: Path) -> dict[str, object]:
+    """A recipe file's values by field name: its `base` recipe's (a path beside it) first, then its own sections
+    ([data], [model], [optim], [step], [run], the config's). A name that is no field is one line."""
+    try:
+        recipe = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"--config {path} is not valid TOML: {e}") from None
+    values = read_recipe(recipe_path(str(path.parent / recipe.pop("base")))) if "base" in recipe else {}
+    fields = {name: {f.name for f in dataclasses.fields(section)} for name, section in _sections()}
+    for section, entries in recipe.items():
+        if section not in fields or not isinstance(entries, dict):
+            raise ConfigError(f"--config {path}: {section!r} is no section; the sections are: {', '.join(fields)}")
+        unknown = sorted(set(entries) - fields[section])
+        if unknown:
+            raise ConfigError(f"--config {path}: [{section}] has no {', '.join(unknown)}")
+        values.update(entries)
+    return values
+
+
 def _sections():
     """(name, dataclass) of each config section."""
     return [(section.name, section.default_factory) for section in dataclasses.fields(TrainConfig)]
@@ -46,7 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="MoCo v1/v2 self-supervised pretraining. Run with no flags: MoCo v2 on Fashion-MNIST on CPU.",
         formatter_class=HelpFormatter,
     )
-    parser.add_argument("--preset", default="fashion-cpu", help=f"defaults to start from: {', '.join(PRESETS)}")
+    parser.add_argument(
+        "--config",
+        "--preset",
+        default="fashion-cpu",
+        metavar="RECIPE",
+        help=f"the recipe whose values the flags start from: a TOML file, or one of configs/: "
+        f"{', '.join(recipe_names())}",
+    )
     valid = choices()
     for section_name, section_type in _sections():
         group = parser.add_argument_group(section_name)
@@ -66,12 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
-    """The command line, on top of the chosen preset, as a TrainConfig."""
+    """The command line, on top of the chosen recipe, as a TrainConfig."""
     parser = build_parser()
-    preset = parser.parse_known_args(argv)[0].preset
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
-    parser.set_defaults(**PRESETS[preset])
+    parser.set_defaults(**read_recipe(recipe_path(parser.parse_known_args(argv)[0].config)))
     args = vars(parser.parse_args(argv))
     sections = {}
     for section_name, section_type in _sections():

@@ -3,9 +3,9 @@ It imports nothing of the project: the choices that registries own are checked w
 
 Sections follow ffcv-imagenet (data, model, optim, step, run); flags keep the official main_moco.py names
 where one exists (--arch, --moco-k, --moco-m, --moco-t, --mlp, --lr, --wd, --batch-size, --resume).
-A preset fills the defaults: `fashion-cpu` (the default: minutes on 2 CPU cores) or `imagenet` (the
-MoCo v2 paper: ResNet-50, 200 epochs, batch 256, lr 0.03, K=65536, T=0.2, MLP head, aug+, cosine).
-Any flag overrides its preset value.
+A recipe under configs/ (`--config NAME` or a TOML file, as torchtitan keeps them) fills the defaults:
+`fashion-cpu` (the default: minutes on 2 CPU cores; the field defaults below), `imagenet` (MoCo v2, 200
+epochs), `imagenet-v2-800ep`, `imagenet-v1`. Any flag overrides its recipe's value.
 """
 
 from __future__ import annotations
@@ -128,29 +128,6 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     step: StepConfig = field(default_factory=StepConfig)
     run: RunConfig = field(default_factory=RunConfig)
-
-
-PRESETS: dict[str, dict[str, object]] = {
-    # The dataclass defaults: MoCo v2 tuned so kNN clearly rises within minutes on 2 CPU cores
-    # (a smaller batch, queue and temperature than the paper's; see the README's Results).
-    "fashion-cpu": {},
-    "imagenet": dict(
-        data="",
-        image_size=224,
-        arch="resnet50",
-        moco_k=65536,
-        moco_m=0.999,
-        moco_t=0.2,
-        mlp=True,
-        bn_splits=8,
-        lr=0.03,
-        batch_size=256,
-        epochs=200,
-        knn_train_samples=20000,
-        knn_val_samples=5000,
-        print_freq=50,
-    ),
-}
 
 
 def to_dict(cfg: TrainConfig) -> dict:
