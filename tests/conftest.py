@@ -1,5 +1,8 @@
+import dataclasses
 import gzip
+import json
 import os
+import socket
 import struct
 import sys
 from pathlib import Path
@@ -38,3 +41,32 @@ def fashion_mnist_subset(root: Path, train: int, val: int) -> str:
 def small_fashion(tmp_path_factory) -> str:
     """1,600 training and 256 validation images: 100 steps an epoch at batch 16."""
     return fashion_mnist_subset(tmp_path_factory.mktemp("fashion"), 1600, 256)
+
+
+def _identity_recipe():
+    """The aug+ recipe with every random op off: a loader then hands over the image itself, resized, normalised."""
+    from pipeline.augs import get_recipe
+
+    return dataclasses.replace(
+        get_recipe("v2"),
+        crop_scale=(1.0, 1.0),
+        crop_ratio=(1.0, 1.0),
+        jitter_prob=0.0,
+        grayscale_prob=0.0,
+        blur_prob=0.0,
+        flip_prob=0.0,
+    )
+
+
+IDENTITY = _identity_recipe()
+
+
+def metrics_rows(out: Path) -> list[dict]:
+    """OUT/metrics.jsonl, one dict per epoch (epoch 0: the random init)."""
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

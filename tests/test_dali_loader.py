@@ -12,7 +12,7 @@ import pytest
 import skimage.data
 import torch
 import torchvision.transforms.functional as F
-from conftest import requires_cuda
+from conftest import IDENTITY, requires_cuda
 from nvidia.dali import fn, pipeline_def
 from nvidia.dali.tensors import TensorListGPU
 from PIL import Image, ImageFilter
@@ -27,7 +27,6 @@ from pipeline.torch_loader import ShardSampler
 
 V2 = get_recipe("v2")
 CROP_AND_FLIP = dataclasses.replace(V2, jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0)
-IDENTITY = dataclasses.replace(CROP_AND_FLIP, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_prob=0.0)
 DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
 MEAN, STD = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 

@@ -2,24 +2,18 @@
 
 import functools
 import os
-import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from conftest import free_port
 
 from benchmarks.core.diagnostics import CopyCounter
 from model import MoCo, build_encoder
 from model.distributed import concat_all_gather
 
 BATCH, K, STEPS = 8, 64, 3
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank, world_size, port, out_dir):
@@ -80,7 +74,7 @@ def _worker(rank, world_size, port, out_dir):
 
 
 def test_two_process_queue_and_shuffle(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert r0["shuffle_mode"] == "ddp"
     torch.testing.assert_close(r0["queue"], r1["queue"], rtol=0, atol=0)

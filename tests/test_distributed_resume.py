@@ -3,7 +3,6 @@ run. Both end with the weights of the run that was never stopped."""
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,16 +11,11 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from conftest import free_port
 
 from model.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train_args(data, out, *extra):

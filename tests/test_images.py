@@ -2,33 +2,24 @@
 FFCV writer, the evaluation data): 16-bit PNGs scaled to 8 bits, GIFs, files that are no images, empty class
 folders, and images over the pixel limit."""
 
-import dataclasses
 import warnings
 
 import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import IDENTITY
 from ffcv.reader import Reader
 from PIL import Image
 
 from evaluation.data import build_eval_loader
 from pipeline import build_loader, datasets
-from pipeline.augs import IMAGENET_MEAN, IMAGENET_STD, get_recipe
+from pipeline.augs import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.errors import DataError
 from pipeline.ffcv_loader import field_values
 from pipeline.ffcv_writer import IMAGE_FIELD, LABEL_FIELD, write_beton
 
 SIDE = 16
-IDENTITY = dataclasses.replace(
-    get_recipe("v2"),
-    crop_scale=(1.0, 1.0),
-    crop_ratio=(1.0, 1.0),
-    jitter_prob=0.0,
-    grayscale_prob=0.0,
-    blur_prob=0.0,
-    flip_prob=0.0,
-)
 LOADERS = ["torch", "dali", "ffcv-writer", "eval"]
 
 # numba (0.68) raises a harmless KeyError while freeing FFCV's compiled functions when a loader is collected.

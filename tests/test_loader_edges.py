@@ -1,7 +1,6 @@
 """What real data and real scripts do to the loaders: ImageNet's PNG named .JPEG and its CMYK JPEGs, a script that
 builds a loader at module level and just ends, a resumed epoch's order, and how long a batch's views stay valid."""
 
-import dataclasses
 import subprocess
 import sys
 import time
@@ -9,23 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import requires_cuda
+from conftest import IDENTITY, requires_cuda
 from PIL import Image
 
 from pipeline import build_loader
-from pipeline.augs import IMAGENET_MEAN, IMAGENET_STD, get_recipe
+from pipeline.augs import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.ffcv_writer import write_beton
 
 ROOT = Path(__file__).resolve().parents[1]
-IDENTITY = dataclasses.replace(
-    get_recipe("v2"),
-    crop_scale=(1.0, 1.0),
-    crop_ratio=(1.0, 1.0),
-    jitter_prob=0.0,
-    grayscale_prob=0.0,
-    blur_prob=0.0,
-    flip_prob=0.0,
-)
 PNG_COLOUR, CMYK = (10, 200, 30), (0, 200, 30, 10)
 
 # numba (0.68) raises a harmless KeyError while freeing FFCV's compiled functions when a loader is collected.

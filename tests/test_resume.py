@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import metrics_rows
 
 import train
 from engine.cli import parse_config
@@ -78,17 +79,11 @@ def assert_same_run(a, b):
         assert torch.equal(value, cb["state_dict"][key]), key
     for pa, pb in zip(ca["optimizer"]["state"].values(), cb["optimizer"]["state"].values()):
         assert all(torch.equal(pa[k], pb[k]) for k in pa)
-    rows_a = [r for r in train_rows(a)]
-    rows_b = [r for r in train_rows(b)]
+    rows_a = [r for r in metrics_rows(a)]
+    rows_b = [r for r in metrics_rows(b)]
     assert [(r["epoch"], r["loss"], r["knn_top1"]) for r in rows_a] == [
         (r["epoch"], r["loss"], r["knn_top1"]) for r in rows_b
     ]
-
-
-def train_rows(out):
-    import json
-
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -258,7 +253,7 @@ def test_a_torn_last_metrics_line_does_not_block_resume(small_fashion, tmp_path)
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"epoch": 2, "lo')  # killed during the append
     assert quick_run(small_fashion, tmp_path, "--epochs", "2", "--resume", "auto") == 0
-    assert [r["epoch"] for r in train_rows(tmp_path)] == [0, 1, 2]
+    assert [r["epoch"] for r in metrics_rows(tmp_path)] == [0, 1, 2]
 
 
 def test_a_fresh_run_does_not_overwrite_an_earlier_one(small_fashion, tmp_path, capsys):

@@ -4,7 +4,8 @@ checkpoint that loads, and every line says what was kept."""
 import shutil
 
 import pytest
-from test_resume import error_line, quick_run, run_args, stop_at, train_rows
+from conftest import metrics_rows
+from test_resume import error_line, quick_run, run_args, stop_at
 
 import train
 from model.checkpoint import load_checkpoint
@@ -51,7 +52,7 @@ def test_resume_auto_goes_on_from_the_newest_epoch_checkpoint(small_fashion, one
     assert quick_run(small_fashion, out, "--epochs", "2", "--resume", "auto") == 0
     assert f"resumed from {out / 'checkpoint_0001.pth.tar'} at epoch 1" in capsys.readouterr().err
     assert load_checkpoint(out / "checkpoint_last.pth.tar")["epoch"] == 2
-    assert [r["epoch"] for r in train_rows(out)] == [0, 1, 2]
+    assert [r["epoch"] for r in metrics_rows(out)] == [0, 1, 2]
 
 
 def test_resume_auto_passes_over_a_truncated_checkpoint_last_with_a_notice(small_fashion, one_epoch, tmp_path, capsys):
@@ -82,7 +83,7 @@ def test_resume_auto_starts_afresh_where_a_run_left_no_checkpoint(small_fashion,
         f"notice: --resume auto: {out} holds no checkpoint, so the run starts afresh and replaces its "
         f"metrics.jsonl and tb"
     ) in capsys.readouterr().err
-    assert [r["epoch"] for r in train_rows(out)] == [0, 1]
+    assert [r["epoch"] for r in metrics_rows(out)] == [0, 1]
     assert len(list((out / "tb").glob("events.out.tfevents.*"))) == 1
 
 

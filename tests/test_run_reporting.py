@@ -1,10 +1,10 @@
 """What a run says about itself: the fraction of time it waited for data, and TensorBoard scalars under OUT/tb."""
 
-import json
 import logging
 import time
 
 import pytest
+from conftest import metrics_rows
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from engine.cli import parse_config
@@ -50,7 +50,7 @@ def run(args, slow_loader_s: float = 0.0) -> Trainer:
 
 
 def epoch_rows(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]
+    return metrics_rows(out)[1:]
 
 
 def test_data_wait_is_near_one_behind_a_slow_loader_and_near_zero_with_synthetic(small_fashion, tmp_path):

@@ -1,7 +1,6 @@
 """Stop signals, as a user sends them: acknowledged at once, honoured without training on, and a second signal
 never loses a checkpoint that was being written nor leaves a metrics row that no checkpoint backs."""
 
-import json
 import os
 import signal
 import subprocess
@@ -10,6 +9,7 @@ import time
 from pathlib import Path
 
 import psutil
+from conftest import metrics_rows
 
 import engine.checkpoint
 import train
@@ -28,10 +28,6 @@ SMALL = [
     "--checkpoint-minutes",
     "0",
 ]
-
-
-def rows(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_ctrl_c_during_the_init_knn_pass_is_acknowledged_at_once_and_trains_no_step(tmp_path):
@@ -83,7 +79,7 @@ def test_ctrl_c_during_the_init_knn_pass_is_acknowledged_at_once_and_trains_no_s
     checkpoint = load_checkpoint(last)
     assert (checkpoint["epoch"], checkpoint["step"]) == (0, 0)  # no step was trained after the signal
     assert rest[-1] == f"interrupted: {last} holds epoch 0; continue with --resume {last}"
-    assert [r["epoch"] for r in rows(tmp_path)] == [0]
+    assert [r["epoch"] for r in metrics_rows(tmp_path)] == [0]
 
 
 def test_a_second_sigterm_while_the_epoch_checkpoint_is_prepared_keeps_it(tmp_path, monkeypatch, capsys):
@@ -111,7 +107,7 @@ def test_a_second_sigterm_while_the_epoch_checkpoint_is_prepared_keeps_it(tmp_pa
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"interrupted: {last} holds epoch 1; continue with --resume {last}"
     )
-    assert [r["epoch"] for r in rows(tmp_path)] == [0, 1]
+    assert [r["epoch"] for r in metrics_rows(tmp_path)] == [0, 1]
 
 
 def test_two_sigterms_at_an_epoch_end_leave_no_row_without_its_checkpoint(tmp_path):
@@ -156,5 +152,5 @@ def test_two_sigterms_at_an_epoch_end_leave_no_row_without_its_checkpoint(tmp_pa
     last = tmp_path / "checkpoint_last.pth.tar"
     epoch = load_checkpoint(last)["epoch"]
     assert rest[-1].startswith(f"interrupted: {last} holds epoch {epoch}; continue with --resume {last}"), rest
-    assert max(r["epoch"] for r in rows(tmp_path)) == epoch
+    assert max(r["epoch"] for r in metrics_rows(tmp_path)) == epoch
     assert not list(tmp_path.glob("*.tmp"))

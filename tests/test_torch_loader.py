@@ -1,10 +1,9 @@
 """The loader contract, checked on the reference torch loader and the synthetic one."""
 
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
+from conftest import IDENTITY
 from PIL import Image
 
 from pipeline import build_loader
@@ -13,15 +12,6 @@ from pipeline.datasets import resolve_dataset
 from pipeline.torch_loader import ShardSampler
 
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
-IDENTITY = dataclasses.replace(
-    get_recipe("v2"),
-    crop_scale=(1.0, 1.0),
-    crop_ratio=(1.0, 1.0),
-    jitter_prob=0.0,
-    grayscale_prob=0.0,
-    blur_prob=0.0,
-    flip_prob=0.0,
-)
 
 
 @pytest.fixture(scope="module")

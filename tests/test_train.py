@@ -1,6 +1,5 @@
 """train.py end to end on tiny Fashion-MNIST runs: metrics, checkpoints, exact resume, and bad input."""
 
-import json
 import os
 import shutil
 import signal
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import metrics_rows
 
 import train
 from engine.cli import build_parser, parse_config, validate
@@ -39,10 +39,6 @@ TINY = [
 ]
 
 
-def rows(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("full")
@@ -51,7 +47,7 @@ def full_run(tmp_path_factory):
 
 
 def test_metrics_rows_and_official_checkpoint_layout(full_run):
-    metrics = rows(full_run)
+    metrics = metrics_rows(full_run)
     assert [r["epoch"] for r in metrics] == [0, 1, 2]
     assert metrics[0]["loss"] is None and 0 <= metrics[0]["knn_top1"] <= 100
     for r in metrics[1:]:
@@ -92,8 +88,8 @@ def test_resumed_run_matches_uninterrupted_run(full_run, tmp_path):
     assert a["state_dict"].keys() == b["state_dict"].keys()
     for k in a["state_dict"]:
         torch.testing.assert_close(a["state_dict"][k], b["state_dict"][k], rtol=0, atol=0, msg=k)
-    assert rows(resumed)[-1]["loss"] == pytest.approx(rows(full_run)[-1]["loss"], rel=1e-6)
-    assert [r["epoch"] for r in rows(resumed)] == [0, 2]
+    assert metrics_rows(resumed)[-1]["loss"] == pytest.approx(metrics_rows(full_run)[-1]["loss"], rel=1e-6)
+    assert [r["epoch"] for r in metrics_rows(resumed)] == [0, 2]
 
 
 def run_cli(args, timeout=120):
@@ -325,7 +321,7 @@ def test_default_command_smoke(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "kNN top-1" in result.stderr and "resnet_mini_cifar" in result.stderr
-    metrics = rows(tmp_path)
+    metrics = metrics_rows(tmp_path)
     assert [r["epoch"] for r in metrics] == [0, 1] and metrics[1]["knn_top1"] is not None
 
 
@@ -367,7 +363,7 @@ def test_train_under_torchrun_with_two_gloo_processes(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "cpu x2" in result.stderr and result.stderr.count("steps/epoch") == 1  # rank 0 reports, once
-    metrics = rows(tmp_path)
+    metrics = metrics_rows(tmp_path)
     assert [r["epoch"] for r in metrics] == [0, 1] and metrics[1]["loss"] > 0
     ckpt = load_checkpoint(tmp_path / "checkpoint_last.pth.tar")
     assert ckpt["state_dict"]["module.queue_ptr"].item() == (3 * 32) % 128  # 3 steps of the global batch
