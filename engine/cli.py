@@ -104,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
             flag = "--" + f.name.replace("_", "-")
             kind = hints[f.name]
             inner = typing.get_args(kind)[0] if typing.get_origin(kind) is typing.Union else kind
-            help_text = f.metadata["help"] + (f" (one of: {', '.join(valid[f.name])})" if f.name in valid else "")
+            help_text = f.metadata["help"]
+            if f.name in valid and not all(choice in help_text for choice in valid[f.name]):
+                help_text += f" (one of: {', '.join(valid[f.name])})"  # the registry's list, where the help has none
             if inner is bool:
                 group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
             elif typing.get_origin(inner) is tuple:

@@ -42,7 +42,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = _opt("resnet_mini_cifar", "encoder architecture (see model/resnet.py ARCHS)")
+    arch: str = _opt("resnet_mini_cifar", "encoder architecture (model/resnet.py)")
     moco_dim: int = _opt(128, "feature dimension")
     moco_k: int = _opt(1024, "queue size: number of negative keys; a multiple of the global batch")
     moco_m: float = _opt(0.99, "momentum of the key encoder")
@@ -84,7 +84,7 @@ class StepConfig:
 @dataclass
 class RunConfig:
     epochs: int = _opt(2, "number of pretraining epochs")
-    device: str = _opt("auto", "auto, cpu, cuda")
+    device: str = _opt("auto", "where to train: auto (a GPU where there is one), cpu, cuda")
     out: str = _opt("runs/moco", "output directory: metrics.jsonl and checkpoints")
     resume: Optional[str] = _opt(
         None,

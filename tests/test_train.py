@@ -12,7 +12,7 @@ import torch
 from conftest import metrics_rows
 
 import train
-from engine.cli import build_parser, parse_config, validate
+from engine.cli import build_parser, choices, parse_config, validate
 from engine.config import ConfigError, to_dict
 from model.checkpoint import load_checkpoint, query_encoder_state
 
@@ -298,6 +298,9 @@ def test_help_states_each_default_once_and_truly():
             continue
         text = formatter._get_help_string(action) % {"default": action.default}
         assert text.count("(default:") == 1, text
+        if action.dest in choices():  # the choices named once: by the help, or by the registry's list
+            named = text.split(" (one of: ")[0]
+            assert all(c in named for c in choices()[action.dest]) != (" (one of: " in text), text
         if action.dest in values and values[action.dest] is not None:
             assert f"(default: {action.default})" in text and action.default == values[action.dest], text
     assert "all if unset" not in run_cli(["--help"]).stdout
