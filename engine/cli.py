@@ -131,6 +131,19 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     return TrainConfig(**sections)
 
 
+def shuffle_mode(shuffle: str, world_size: int) -> str:
+    """--shuffle auto: ddp across the ranks under torchrun, split (emulated GPUs) in a single process."""
+    return shuffle if shuffle != "auto" else ("ddp" if world_size > 1 else "split")
+
+
+def resolve(cfg: TrainConfig, world_size: int, device: torch.device) -> TrainConfig:
+    """`cfg` with its auto values filled, once, for everything downstream to read: the Shuffle BN mode and the
+    precision (bf16 on a GPU, fp32 on the CPU)."""
+    model = dataclasses.replace(cfg.model, shuffle=shuffle_mode(cfg.model.shuffle, world_size))
+    step = dataclasses.replace(cfg.step, precision=resolve_precision(cfg.step.precision, device))
+    return dataclasses.replace(cfg, model=model, step=step)
+
+
 def validate(cfg: TrainConfig, world_size: int, device_type: str = "cpu") -> None:
     """Every check that needs no data, so a setting that cannot work fails in one line before any work."""
     valid_choices = choices()
@@ -145,7 +158,7 @@ def validate(cfg: TrainConfig, world_size: int, device_type: str = "cpu") -> Non
         raise ConfigError(f"--batch-size {o.batch_size} is not divisible by the world size {world_size}")
     if m.moco_k % o.batch_size:
         raise ConfigError(f"--moco-k {m.moco_k} is not a multiple of the global batch size {o.batch_size}")
-    shuffle = m.shuffle if m.shuffle != "auto" else ("ddp" if world_size > 1 else "split")
+    shuffle = shuffle_mode(m.shuffle, world_size)
     per_device = o.batch_size // world_size
     if shuffle == "split" and per_device % m.bn_splits:
         raise ConfigError(f"per-device batch {per_device} is not divisible by --bn-splits {m.bn_splits}")

@@ -22,13 +22,13 @@ import torch
 from engine import distributed
 from engine.builders import build_knn_monitor, build_model, build_step, build_train_loader
 from engine.checkpoint import Checkpoints, restore_train_state, train_state
-from engine.cli import loader_options, validate
+from engine.cli import loader_options, resolve, validate
 from engine.config import TrainConfig
 from engine.optim import build_optimizer, learning_rate, set_learning_rate
 from engine.reporting import DataWait, Report
 from engine.rundir import RunDir
 from engine.signals import StopSignals
-from engine.step import AMP_DTYPES, resolve_precision
+from engine.step import AMP_DTYPES
 from model.checkpoint import CheckpointError
 from pipeline.common import derive_seed
 
@@ -64,13 +64,13 @@ class Trainer:
     data_wait: DataWait
 
     def __init__(self, cfg: TrainConfig):
-        self.cfg = cfg
         device = distributed.pick_device(cfg.run.device)
         validate(cfg, distributed.world_size_from_env(), device.type)
+        self.cfg = cfg = resolve(cfg, distributed.world_size_from_env(), device)
         distributed.refuse_hanging_restarts()
         self.owns_process_group = distributed.world_size_from_env() > 1 and not torch.distributed.is_initialized()
         self.runtime = distributed.init_runtime(device, cfg.run.dist_timeout_minutes)
-        self.precision = resolve_precision(cfg.step.precision, device)
+        self.precision = cfg.step.precision
         self.amp_dtype = AMP_DTYPES[self.precision]
         self.run_dir = RunDir(cfg.run.out)
         self.checkpoints = Checkpoints(cfg, self.runtime, self.run_dir)

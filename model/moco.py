@@ -31,24 +31,19 @@ def no_stage(name: str):
     return nullcontext()
 
 
-def default_shuffle() -> str:
-    """`ddp` across several processes, `split` (emulated GPUs) on a single device."""
-    return "ddp" if distributed.world_size() > 1 else "split"
-
-
 class MoCo(nn.Module):
-    def __init__(self, base_encoder, dim=128, K=65536, m=0.999, T=0.07, mlp=False, shuffle="auto", bn_splits=8):
+    def __init__(self, base_encoder, dim=128, K=65536, m=0.999, T=0.07, mlp=False, shuffle="ddp", bn_splits=8):
         """
         base_encoder: callable `num_classes -> nn.Module` with an `fc` head (a torchvision ResNet)
         dim: feature dimension; K: queue size; m: key-encoder momentum; T: softmax temperature
-        mlp: a 2-layer MLP head (MoCo v2); shuffle: 'ddp', 'split', 'none' or 'auto';
+        mlp: a 2-layer MLP head (MoCo v2); shuffle: 'ddp' (the paper's), 'split' or 'none';
         bn_splits: sub-batches (emulated GPUs) per device in 'split' mode
         """
         super().__init__()
         self.K, self.m, self.T = K, m, T
-        self.shuffle = default_shuffle() if shuffle == "auto" else shuffle
+        self.shuffle = shuffle
         if self.shuffle not in SHUFFLE_MODES:
-            raise ValueError(f"unknown shuffle mode {shuffle!r}; choose one of: auto, {', '.join(SHUFFLE_MODES)}")
+            raise ValueError(f"unknown shuffle mode {shuffle!r}; choose one of: {', '.join(SHUFFLE_MODES)}")
         if self.shuffle == "ddp" and distributed.world_size() == 1:
             raise ValueError("shuffle='ddp' needs several processes (torchrun); use 'split' on one device")
 

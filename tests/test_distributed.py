@@ -21,7 +21,7 @@ def _worker(rank, world_size, port, out_dir):
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     torch.set_num_threads(1)
     torch.manual_seed(0)  # identical initial weights and queue on every rank, as DDP requires
-    moco = MoCo(functools.partial(build_encoder, "resnet_mini_cifar"), dim=16, K=K, shuffle="auto")
+    moco = MoCo(functools.partial(build_encoder, "resnet_mini_cifar"), dim=16, K=K, shuffle="ddp")
     model = torch.nn.parallel.DistributedDataParallel(moco, broadcast_buffers=False)
     optimizer = torch.optim.SGD(moco.parameters(), lr=0.1)
 

@@ -12,7 +12,7 @@ import torch
 from benchmarks.core import timing
 from benchmarks.core.record import Record, peak_memory
 from engine.builders import build_model, build_step, build_train_loader
-from engine.cli import loader_options, validate
+from engine.cli import loader_options, resolve, validate
 from engine.config import TrainConfig
 from engine.distributed import Runtime
 from engine.optim import build_optimizer
@@ -22,10 +22,10 @@ from engine.trainer import Trainer
 
 
 def for_backend(cfg: TrainConfig, backend: str, runtime: Runtime) -> TrainConfig:
-    """`cfg` with `backend` as its loader, checked as train.py checks it."""
+    """`cfg` with `backend` as its loader, checked and resolved as train.py does it."""
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, loader=backend))
     validate(cfg, runtime.world_size, runtime.device.type)
-    return cfg
+    return resolve(cfg, runtime.world_size, runtime.device)
 
 
 def input_dtype(precision: str) -> torch.dtype:

@@ -107,7 +107,7 @@ def run(cfg: TrainConfig, runtime: Runtime, precision: str, opts: argparse.Names
     nchw = [(images[0], images[1]), (images[2], images[3])]
     channels_last = [tuple(x.contiguous(memory_format=torch.channels_last) for x in pair) for pair in nchw]
     steps = {
-        "ours": (our_step(cfg, runtime, precision, "auto"), channels_last),
+        "ours": (our_step(cfg, runtime, precision, cfg.model.shuffle), channels_last),
         "ours --shuffle none": (our_step(cfg, runtime, precision, "none"), channels_last),
         "official": (official_step(cfg, device, amp_dtype), nchw),
         "lightly": (lightly_step(cfg, device, amp_dtype), nchw),
