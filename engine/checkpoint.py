@@ -120,6 +120,7 @@ class Checkpoints:
         self.writer = CheckpointWriter()
         self.last: tuple[Path, int, int] | None = None
         self.last_save_time = time.monotonic()
+        self.changed: dict[str, tuple] = {}  # flag -> (the resumed checkpoint's value, this run's)
 
     # --- the one to go on from ---
 
@@ -179,6 +180,7 @@ class Checkpoints:
         state for a checkpoint cut inside an epoch, which only the same batch size, world size and data can use)."""
         cfg, runtime = self.cfg, self.runtime
         saved_cfg = checkpoint.get("config") or {}
+        self.changed = changed_settings(saved_cfg, cfg)
         try:
             moco.load_state_dict(without_prefix(checkpoint["state_dict"]))
         except (KeyError, RuntimeError, ValueError) as e:
@@ -210,11 +212,7 @@ class Checkpoints:
                     f"or from an epoch's checkpoint"
                 )
             rank_state = checkpoint["ranks"][runtime.rank]
-            fixed = {
-                flag: values
-                for flag, values in changed_settings(saved_cfg, cfg).items()
-                if flag in FIXED_INSIDE_AN_EPOCH
-            }
+            fixed = {flag: values for flag, values in self.changed.items() if flag in FIXED_INSIDE_AN_EPOCH}
             if fixed:
                 raise CheckpointError(
                     f"checkpoint {path} was cut inside epoch {epoch + 1}, whose remaining images "
@@ -236,11 +234,10 @@ class Checkpoints:
                 f"--batch-size and --max-steps, or from an epoch's checkpoint"
             )
         if self.runtime.is_main:
-            changed = changed_settings(checkpoint.get("config") or {}, self.cfg)
-            if changed:
+            if self.changed:
                 console.print(
                     "notice: settings that differ from the checkpoint's run: "
-                    + ", ".join(f"{flag} {now} (was {was})" for flag, (was, now) in changed.items())
+                    + ", ".join(f"{flag} {now} (was {was})" for flag, (was, now) in self.changed.items())
                 )
             console.print(f"resumed from {path} at epoch {epoch}" + (f", step {step}" if step else ""))
 

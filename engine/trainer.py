@@ -275,11 +275,10 @@ class Trainer:
         parts = {"state_dict": self.moco, "optimizer": self.optimizer}
         if self.train_step.scaler.is_enabled():
             parts["scaler"] = self.train_step.scaler
-        rank_state = (
-            train_state(self.epoch, self.step, self.loader, self.loss_sum, self.runtime.device) if self.step else None
-        )
-        with self.signals.deferred():
-            self.checkpoints.save(parts, self.epoch, self.step, self.steps, rank_state, keep, row)
+        with self.signals.deferred():  # the loader's and the RNGs' state too are part of what it keeps
+            where = (self.epoch, self.step)
+            rank_state = train_state(*where, self.loader, self.loss_sum, self.runtime.device) if self.step else None
+            self.checkpoints.save(parts, *where, self.steps, rank_state, keep, row)
 
     def write_failed(self) -> None:
         """Every rank stops on rank 0's failed checkpoint write, learnt at a check-in, not rank 0 alone."""
